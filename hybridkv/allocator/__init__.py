@@ -1,0 +1,8 @@
+"""Page allocators and pools: full, SWA (+ full->SWA map), host."""
+
+from hybridkv.allocator.host import HostPool
+from hybridkv.allocator.kv_pool import KVPool
+from hybridkv.allocator.paged import PagedAllocator
+from hybridkv.allocator.swa import SWAAllocator
+
+__all__ = ["HostPool", "KVPool", "PagedAllocator", "SWAAllocator"]

@@ -1,0 +1,82 @@
+"""KV buffers of the full-attention and sliding-window layers.
+
+Each pool is one tensor ``[2 * layers, slots, heads, head_dim]`` (K of layer ``j`` at
+``2j``, V at ``2j + 1``), so one page copy moves a page of every layer, K and V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybridkv import kernels
+
+
+class KVPool:
+    """``set_kv`` / ``get_kv`` by full slots; SWA layers translate through the map.
+
+    Args:
+        full_layer_ids, swa_layer_ids: model layer ids of each attention kind.
+        full_slots, swa_slots: slots per pool (page 0 included).
+        page_size, num_kv_heads, head_dim, dtype, device: buffer geometry.
+        full_to_swa: the allocator's full->SWA map (read, never written here).
+    """
+
+    def __init__(
+        self,
+        full_layer_ids: list[int],
+        swa_layer_ids: list[int],
+        full_slots: int,
+        swa_slots: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        full_to_swa: torch.Tensor,
+        backend: str | None,
+    ) -> None:
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.backend = backend
+        self.full_to_swa = full_to_swa
+        shape = (num_kv_heads, head_dim)
+        self.full_buf = torch.zeros(2 * len(full_layer_ids), full_slots, *shape, dtype=dtype, device=device)
+        self.swa_buf = torch.zeros(2 * len(swa_layer_ids), swa_slots, *shape, dtype=dtype, device=device)
+        self._where = {lid: (False, j) for j, lid in enumerate(full_layer_ids)}
+        self._where |= {lid: (True, j) for j, lid in enumerate(swa_layer_ids)}
+
+    def _locate(self, layer_id: int, full_slots: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+        if layer_id not in self._where:
+            raise ValueError(f"layer_id {layer_id} is not a full or SWA attention layer")
+        if not isinstance(full_slots, torch.Tensor) or full_slots.dtype != torch.int64 or full_slots.dim() != 1:
+            raise ValueError("full_slots must be a 1-D int64 tensor")
+        is_swa, j = self._where[layer_id]
+        if is_swa:
+            slots = kernels.full_to_swa(full_slots.to(self.full_to_swa.device), self.full_to_swa, backend=self.backend)
+            return self.swa_buf, j, slots
+        return self.full_buf, j, full_slots.to(self.full_buf.device)
+
+    def set_kv(self, layer_id: int, full_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots`` ``[n]``.
+
+        Tombstoned SWA slots translate to 0, the padding page, where writes are harmless.
+        """
+        buf, j, slots = self._locate(layer_id, full_slots)
+        want = (full_slots.shape[0], self.num_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != want:
+                raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        buf[2 * j, slots] = k.to(buf.dtype)
+        buf[2 * j + 1, slots] = v.to(buf.dtype)
+
+    def get_kv(self, layer_id: int, full_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots``."""
+        buf, j, slots = self._locate(layer_id, full_slots)
+        return buf[2 * j, slots], buf[2 * j + 1, slots]
+
+    def page_view(self, swa: bool) -> torch.Tensor:
+        """The pool as ``[pages, 2 * layers, page_size * heads * dim]`` for :func:`page_copy`."""
+        buf = self.swa_buf if swa else self.full_buf
+        return buf.view(buf.shape[0], -1, self.page_size * self.num_kv_heads * self.head_dim).transpose(0, 1)

@@ -1,0 +1,154 @@
+"""Paged allocator: a free-page stack as a device tensor.
+
+The free pages are ``stack[head:]``: allocation takes pages from the front (``head``
+advances), freeing pushes pages back in front of it (``head`` retreats), so both are
+O(pages) slices with no concatenation. Page 0 is reserved for padding writes and is
+never handed out. Running short is a ``None`` return, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from hybridkv import kernels
+
+
+class PagedAllocator:
+    """Slots of one pool, handed out by pages.
+
+    Args:
+        num_tokens: usable slots (rounded down to whole pages); the pool has one more
+            page (page 0) for padding.
+        page_size: tokens per page.
+        device: where the free-page stack lives (the pool's device).
+        backend: kernel backend (``"triton"``, ``"torch"`` or ``None`` for automatic).
+    """
+
+    def __init__(
+        self, num_tokens: int, page_size: int, device: torch.device | str, backend: str | None
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if num_tokens < page_size:
+            raise ValueError(f"num_tokens ({num_tokens}) must hold at least one page")
+        self.page_size = page_size
+        self.num_pages = num_tokens // page_size + 1  # including the reserved page 0
+        self.device = torch.device(device)
+        self.backend = backend
+        self._stack = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
+        self._head = 0
+        self._group: list[torch.Tensor] | None = None
+
+    @property
+    def num_slots(self) -> int:
+        """Slots in the pool, page 0 included: the size of a buffer indexed by slot."""
+        return self.num_pages * self.page_size
+
+    @property
+    def free_page_count(self) -> int:
+        return self._stack.numel() - self._head
+
+    @property
+    def available(self) -> int:
+        """Free tokens (whole free pages times page size)."""
+        return self.free_page_count * self.page_size
+
+    def free_pages_view(self) -> torch.Tensor:
+        """The free pages in allocation order (a view: do not mutate)."""
+        return self._stack[self._head :]
+
+    def alloc_pages(self, n: int) -> torch.Tensor | None:
+        """Take ``n`` whole pages from the front of the free stack, or ``None`` if short."""
+        if n > self.free_page_count:
+            return None
+        pages = self._stack[self._head : self._head + n].clone()
+        self._head += n
+        return pages
+
+    def pages_for_extend(self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor) -> int:
+        """New pages that extending each request from ``prefix_lens`` to ``seq_lens`` takes."""
+        ps = self.page_size
+        return int(((seq_lens + ps - 1) // ps - (prefix_lens + ps - 1) // ps).sum())
+
+    def alloc_extend(
+        self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, last_loc: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Slots for positions ``[prefix_lens[i], seq_lens[i])`` of each request.
+
+        ``prefix_lens``, ``seq_lens``: int64 on the host (the decision needs no device sync);
+        ``last_loc``: int64 on the pool's device. Returns int64 slots in request order, or
+        ``None`` (nothing taken) when the pool is short.
+        """
+        need = self.pages_for_extend(prefix_lens, seq_lens)
+        if need > self.free_page_count:
+            return None
+        free = self._stack[self._head : self._head + need]
+        slots, taken = kernels.alloc_extend(
+            prefix_lens.to(self.device),
+            seq_lens.to(self.device),
+            last_loc,
+            free,
+            self.page_size,
+            backend=self.backend,
+        )
+        assert taken == need, (taken, need)
+        self._head += need
+        return slots
+
+    def alloc_decode(self, seq_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor | None:
+        """One slot per request for position ``seq_lens[i] - 1``; ``None`` when short.
+
+        ``seq_lens``: int64 on the host; ``last_loc``: int64 on the pool's device.
+        """
+        need = int(((seq_lens - 1) % self.page_size == 0).sum())
+        if need > self.free_page_count:
+            return None
+        free = self._stack[self._head : self._head + need]
+        slots, taken = kernels.alloc_decode(
+            seq_lens.to(self.device), last_loc, free, self.page_size, backend=self.backend
+        )
+        assert taken == need, (taken, need)
+        self._head += need
+        return slots
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return the pages holding ``slots`` (whole pages: every slot of them is released)."""
+        if slots.numel() == 0:
+            return
+        if self._group is not None:
+            self._group.append(slots)
+            return
+        self.free_pages(
+            kernels.slots_to_pages(slots, self.page_size, self.num_pages, backend=self.backend)
+        )
+
+    def free_pages(self, pages: torch.Tensor) -> None:
+        """Push distinct, currently allocated ``pages`` back; they are handed out next."""
+        n = pages.numel()
+        if n == 0:
+            return
+        assert n <= self._head, "freeing more pages than are allocated"
+        self._head -= n
+        self._stack[self._head : self._head + n] = pages
+
+    @contextmanager
+    def free_group(self) -> Iterator[None]:
+        """Batch every ``free`` inside the block into one kernel call at its end."""
+        assert self._group is None, "free groups do not nest"
+        self._group = []
+        try:
+            yield
+        finally:
+            group, self._group = self._group, None
+            if group:
+                self.free(torch.cat(group))
+
+    def check(self) -> None:
+        """Assert the free pages are distinct, in range and never page 0."""
+        free = self.free_pages_view()
+        assert free.numel() == torch.unique(free).numel(), "a page is free twice"
+        if free.numel():
+            assert int(free.min()) >= 1 and int(free.max()) < self.num_pages, "bad free page"

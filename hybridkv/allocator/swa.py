@@ -1,0 +1,167 @@
+"""Hybrid allocator: a full pool, a smaller SWA pool and the full->SWA slot map.
+
+Every full page that holds SWA KV is paired with one SWA page at the same offsets:
+``full_to_swa[full_page * ps + o] == swa_page * ps + o``. A full slot whose entry is 0 is
+a tombstone (its SWA KV was freed). The map is written for every newly allocated full
+slot and cleared by whole pages on free, so a free full page never maps anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from hybridkv import kernels
+from hybridkv.allocator.paged import PagedAllocator
+
+
+class SWAAllocator:
+    """Full + SWA allocators and the map between them; ``None`` when either pool is short."""
+
+    def __init__(
+        self,
+        full_tokens: int,
+        swa_tokens: int,
+        page_size: int,
+        device: torch.device | str,
+        backend: str | None,
+    ) -> None:
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.backend = backend
+        self.full = PagedAllocator(full_tokens, page_size, device, backend)
+        self.swa = PagedAllocator(swa_tokens, page_size, device, backend)
+        self.full_to_swa = torch.zeros(self.full.num_slots, dtype=torch.int64, device=self.device)
+        self._group: list[torch.Tensor] | None = None
+
+    @property
+    def full_available(self) -> int:
+        return self.full.available
+
+    @property
+    def swa_available(self) -> int:
+        return self.swa.available
+
+    def translate(self, full_slots: torch.Tensor) -> torch.Tensor:
+        """SWA slots of ``full_slots`` (0 for tombstones)."""
+        return kernels.full_to_swa(full_slots, self.full_to_swa, backend=self.backend)
+
+    def alloc_extend(
+        self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, last_loc: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Full slots (with SWA slots mapped) for ``[prefix_lens[i], seq_lens[i])``.
+
+        Same arguments as :meth:`PagedAllocator.alloc_extend`. The SWA KV of position
+        ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned.
+        """
+        need = self.full.pages_for_extend(prefix_lens, seq_lens)
+        if need > self.full.free_page_count or need > self.swa.free_page_count:
+            return None
+        swa_last_loc = self.translate(last_loc.clamp(min=0))
+        full_slots = self.full.alloc_extend(prefix_lens, seq_lens, last_loc)
+        swa_slots = self.swa.alloc_extend(prefix_lens, seq_lens, swa_last_loc)
+        assert full_slots is not None and swa_slots is not None
+        self.full_to_swa[full_slots] = swa_slots
+        return full_slots
+
+    def alloc_decode(self, seq_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor | None:
+        """One full slot (and its SWA slot) per request for position ``seq_lens[i] - 1``."""
+        need = int(((seq_lens - 1) % self.page_size == 0).sum())
+        if need > self.full.free_page_count or need > self.swa.free_page_count:
+            return None
+        swa_last_loc = self.translate(last_loc)
+        full_slots = self.full.alloc_decode(seq_lens, last_loc)
+        swa_slots = self.swa.alloc_decode(seq_lens, swa_last_loc)
+        assert full_slots is not None and swa_slots is not None
+        self.full_to_swa[full_slots] = swa_slots
+        return full_slots
+
+    def free(self, full_slots: torch.Tensor) -> None:
+        """Free whole full pages and the SWA pages they map to (tombstones map to none)."""
+        if full_slots.numel() == 0:
+            return
+        if self._group is not None:
+            self._group.append(full_slots)
+            return
+        pages = kernels.slots_to_pages(
+            full_slots, self.page_size, self.full.num_pages, backend=self.backend
+        )
+        self._free_swa_of_pages(pages)
+        self.full.free_pages(pages)
+
+    def free_swa(self, full_slots: torch.Tensor) -> None:
+        """Tombstone whole pages: free their SWA pages, keep their full KV."""
+        if full_slots.numel() == 0:
+            return
+        pages = kernels.slots_to_pages(
+            full_slots, self.page_size, self.full.num_pages, backend=self.backend
+        )
+        self._free_swa_of_pages(pages)
+
+    def _free_swa_of_pages(self, full_pages: torch.Tensor) -> None:
+        by_page = self.full_to_swa.view(-1, self.page_size)
+        swa_first = by_page[full_pages, 0]
+        # NOTE: a tombstoned page maps to 0; page 0 is reserved and must never be freed.
+        self.swa.free_pages(swa_first[swa_first != 0] // self.page_size)
+        by_page[full_pages] = 0
+
+    def adopt_swa(self, keep_slots: torch.Tensor, dup_slots: torch.Tensor) -> None:
+        """Move the SWA KV of ``dup_slots`` to ``keep_slots`` (same tokens, same offsets).
+
+        Used when a tombstoned cached copy meets a duplicate that still has SWA KV: the
+        cached full slots take over the duplicate's SWA slots before the duplicate is freed.
+        """
+        self.full_to_swa[keep_slots] = self.full_to_swa[dup_slots]
+        self.full_to_swa[dup_slots] = 0
+
+    def swa_release(
+        self,
+        req_to_token: torch.Tensor,
+        req_pool_indices: torch.Tensor,
+        seq_lens: torch.Tensor,
+        released_lens: torch.Tensor,
+        window: int,
+    ) -> torch.Tensor:
+        """Free the SWA pages that slid out of each request's window; return new released lens.
+
+        ``req_pool_indices``, ``seq_lens``, ``released_lens``: int64 on the pool's device.
+        """
+        freed, new_released = kernels.swa_release(
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            released_lens,
+            self.full_to_swa,
+            window,
+            self.page_size,
+            backend=self.backend,
+        )
+        self.swa.free_pages(freed)
+        return new_released
+
+    @contextmanager
+    def free_group(self) -> Iterator[None]:
+        """Batch every ``free`` inside the block into one call at its end."""
+        assert self._group is None, "free groups do not nest"
+        self._group = []
+        try:
+            yield
+        finally:
+            group, self._group = self._group, None
+            if group:
+                self.free(torch.cat(group))
+
+    def check(self) -> None:
+        """Assert both free lists and the map are consistent with each other."""
+        self.full.check()
+        self.swa.check()
+        by_page = self.full_to_swa.view(-1, self.page_size)
+        assert not bool(by_page[0].any()), "page 0 maps to SWA"
+        assert not bool(by_page[self.full.free_pages_view()].any()), "a free full page maps to SWA"
+        mapped = self.full_to_swa[self.full_to_swa != 0]
+        assert mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot"
+        swa_free = torch.zeros(self.swa.num_pages, dtype=torch.bool, device=self.device)
+        swa_free[self.swa.free_pages_view()] = True
+        assert not bool(swa_free[mapped // self.page_size].any()), "a full slot maps to a free SWA page"

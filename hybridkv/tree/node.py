@@ -1,0 +1,51 @@
+"""Tree nodes: a run of whole pages of tokens and, per component, its cached value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """A node caches tokens ``[start, start + len(key))`` of every path through it.
+
+    Components:
+      * full: ``full`` holds the device full slots (one per token).
+      * swa: ``swa`` says whether the tokens' SWA KV exists (reached through the
+        allocator's full->SWA map); ``False`` is a tombstone.
+    Lock counts are per component: a full lock pins the node's full KV (every node on a
+    locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window).
+    """
+
+    key: list[int]
+    start: int
+    parent: Node | None
+    full: torch.Tensor | None
+    swa: bool
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
+    full_lock: int = 0
+    swa_lock: int = 0
+    last_access: int = 0
+    hit_count: int = 0
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.key)
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def path(self) -> list[Node]:
+        """Nodes from this one up to (not including) the root."""
+        nodes = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes
