@@ -1,0 +1,191 @@
+"""write_req_to_token: write prefix slots and new slots into ``req_to_token`` rows.
+
+Request ``i`` writes two segments of its row ``req_to_token[req_pool_indices[i]]``::
+
+    pos:   0              prefix_len      extend_start         extend_start + extend_len
+           |  prefix_slots  |  untouched  |  new_slots          |  untouched
+              segment i                      segment i
+
+``prefix_slots`` and ``new_slots`` are flat: request ``i``'s segment starts at the exclusive
+cumsum of ``prefix_lens`` (resp. ``extend_lens``). A request whose prefix is already in its
+row passes ``prefix_len = 0``; a decode step is ``prefix_len = 0, extend_len = 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridkv.kernels._common import (
+    check_nonnegative,
+    check_same_len,
+    check_tensor,
+    exclusive_cumsum,
+    resolve_backend,
+)
+
+
+@triton.jit
+def _write_req_to_token_kernel(
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    prefix_slots_ptr,
+    prefix_lens_ptr,
+    prefix_offsets_ptr,
+    new_slots_ptr,
+    extend_starts_ptr,
+    extend_lens_ptr,
+    new_offsets_ptr,
+    stride_row,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(req_pool_indices_ptr + pid).to(tl.int64)
+    dst = req_to_token_ptr + row * stride_row
+    prefix_len = tl.load(prefix_lens_ptr + pid)
+    src = prefix_slots_ptr + tl.load(prefix_offsets_ptr + pid)
+    for off in range(0, prefix_len, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        mask = j < prefix_len
+        slot = tl.load(src + j, mask=mask, other=0)
+        tl.store(dst + j, slot.to(tl.int32), mask=mask)
+    extend_start = tl.load(extend_starts_ptr + pid)
+    extend_len = tl.load(extend_lens_ptr + pid)
+    src = new_slots_ptr + tl.load(new_offsets_ptr + pid)
+    for off in range(0, extend_len, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        mask = j < extend_len
+        slot = tl.load(src + j, mask=mask, other=0)
+        tl.store(dst + extend_start + j, slot.to(tl.int32), mask=mask)
+
+
+def _write_req_to_token_triton(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    extend_starts: torch.Tensor,
+    extend_lens: torch.Tensor,
+) -> None:
+    batch = req_pool_indices.shape[0]
+    if batch and (prefix_slots.numel() or new_slots.numel()):
+        _write_req_to_token_kernel[(batch,)](
+            req_to_token,
+            req_pool_indices,
+            prefix_slots,
+            prefix_lens,
+            exclusive_cumsum(prefix_lens),
+            new_slots,
+            extend_starts,
+            extend_lens,
+            exclusive_cumsum(extend_lens),
+            req_to_token.stride(0),
+            BLOCK=256,
+        )
+
+
+def write_req_to_token_reference(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    extend_starts: torch.Tensor,
+    extend_lens: torch.Tensor,
+) -> None:
+    """Torch reference of :func:`write_req_to_token` (same signature, no checks; mutates)."""
+    device = req_pool_indices.device
+    batch = torch.arange(req_pool_indices.shape[0], device=device)
+    req = torch.repeat_interleave(batch, prefix_lens)
+    pos = torch.arange(req.numel(), device=device) - exclusive_cumsum(prefix_lens)[req]
+    req_to_token[req_pool_indices[req], pos] = prefix_slots.to(torch.int32)
+    req = torch.repeat_interleave(batch, extend_lens)
+    j = torch.arange(req.numel(), device=device) - exclusive_cumsum(extend_lens)[req]
+    req_to_token[req_pool_indices[req], extend_starts[req] + j] = new_slots.to(torch.int32)
+
+
+def write_req_to_token(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    extend_starts: torch.Tensor,
+    extend_lens: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Write each request's prefix slots and new slots into its ``req_to_token`` row.
+
+    Args:
+        req_to_token: int32 ``[rows, max_context]``. **Mutated**: row ``req_pool_indices[i]``
+            gets ``[0, prefix_lens[i])`` and ``[extend_starts[i], + extend_lens[i])``; every
+            other element is left as it was.
+        req_pool_indices: int64 ``[batch]``, distinct rows.
+        prefix_slots: int64 ``[sum(prefix_lens)]`` full slots, request by request.
+        prefix_lens: int64 ``[batch]``; 0 where the prefix is already written.
+        new_slots: int64 ``[sum(extend_lens)]`` full slots, request by request.
+        extend_starts: int64 ``[batch]``, ``>= prefix_lens`` (the segments never overlap).
+        extend_lens: int64 ``[batch]``, ``extend_starts + extend_lens <= max_context``.
+
+    Slots are stored as int32. Two cumsums over the batch and one Triton launch.
+    """
+    check_tensor("req_to_token", req_to_token, dtype=torch.int32, ndim=2)
+    device = req_to_token.device
+    check_tensor("req_pool_indices", req_pool_indices, dtype=torch.int64, ndim=1, device=device)
+    check_tensor("prefix_slots", prefix_slots, dtype=torch.int64, ndim=1, device=device)
+    check_tensor("prefix_lens", prefix_lens, dtype=torch.int64, ndim=1, device=device)
+    check_tensor("new_slots", new_slots, dtype=torch.int64, ndim=1, device=device)
+    check_tensor("extend_starts", extend_starts, dtype=torch.int64, ndim=1, device=device)
+    check_tensor("extend_lens", extend_lens, dtype=torch.int64, ndim=1, device=device)
+    check_same_len(
+        ("req_pool_indices", "prefix_lens", "extend_starts", "extend_lens"),
+        req_pool_indices,
+        prefix_lens,
+        extend_starts,
+        extend_lens,
+    )
+    backend = resolve_backend(backend, device)
+    rows, max_context = req_to_token.shape
+    check_nonnegative("prefix_lens", prefix_lens)
+    check_nonnegative("extend_lens", extend_lens)
+    if int(prefix_lens.sum()) != prefix_slots.numel():
+        raise ValueError(
+            f"prefix_slots has {prefix_slots.numel()} slots, sum(prefix_lens) is "
+            f"{int(prefix_lens.sum())}"
+        )
+    if int(extend_lens.sum()) != new_slots.numel():
+        raise ValueError(
+            f"new_slots has {new_slots.numel()} slots, sum(extend_lens) is {int(extend_lens.sum())}"
+        )
+    if req_pool_indices.numel():
+        if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
+            raise ValueError(f"req_pool_indices must lie in [0, {rows})")
+        if torch.unique(req_pool_indices).numel() != req_pool_indices.numel():
+            raise ValueError("req_pool_indices must be distinct")
+        if bool((extend_starts < prefix_lens).any()):
+            raise ValueError("extend_starts must be >= prefix_lens")
+        if bool((extend_starts + extend_lens > max_context).any()):
+            raise ValueError(f"extend_starts + extend_lens must be <= max_context = {max_context}")
+    if backend == "torch":
+        write_req_to_token_reference(
+            req_to_token,
+            req_pool_indices,
+            prefix_slots,
+            prefix_lens,
+            new_slots,
+            extend_starts,
+            extend_lens,
+        )
+    else:
+        _write_req_to_token_triton(
+            req_to_token,
+            req_pool_indices,
+            prefix_slots,
+            prefix_lens,
+            new_slots,
+            extend_starts,
+            extend_lens,
+        )
