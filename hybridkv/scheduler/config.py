@@ -1,0 +1,123 @@
+"""CacheConfig: the model shape, the pool sizes and the policies of one manager."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridkv.kernels import interpreter_on
+from hybridkv.tree import SWA_EVICTION_POLICIES
+
+WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything a :class:`MemoryManager` needs; all but the model shape has a default.
+
+    Token counts are usable tokens per pool (rounded down to whole pages); each pool has
+    one more page, page 0, for padding writes. ``backend=None`` picks Triton where it can
+    run (CUDA, or the interpreter) and the torch references elsewhere.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int = 16
+    swa_layer_ids: tuple[int, ...] = ()
+    mamba_layer_ids: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.bfloat16
+    full_tokens: int = 65536
+    swa_tokens: int = 16384
+    sliding_window: int = 4096
+    state_slots: int = 0
+    state_shape: tuple[int, ...] = ()
+    host_tokens: int = 0
+    write_policy: str = "write_through"
+    storage: str | None = None
+    chunked_prefill_size: int = 2048
+    max_prefill_tokens: int = 8192
+    max_running_requests: int = 256
+    max_context_len: int = 8192
+    swa_eviction: str = "window"
+    device: str = field(default_factory=_default_device)
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "swa_layer_ids", tuple(self.swa_layer_ids))
+        object.__setattr__(self, "mamba_layer_ids", tuple(self.mamba_layer_ids))
+        object.__setattr__(self, "state_shape", tuple(self.state_shape))
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size"):
+            _positive(name, getattr(self, name))
+        for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests"):
+            _positive(name, getattr(self, name))
+        _positive("max_context_len", self.max_context_len)
+        ids = self.swa_layer_ids + self.mamba_layer_ids
+        if any(not 0 <= i < self.num_layers for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError("swa_layer_ids / mamba_layer_ids must be distinct ids in [0, num_layers)")
+        if self.mamba_layer_ids or self.state_slots:
+            raise ValueError("mamba_layer_ids: recurrent state is not supported yet")
+        if self.host_tokens:
+            raise ValueError("host_tokens: the host tier is not supported yet")
+        if self.storage is not None:
+            raise ValueError("storage: the storage tier is not supported yet")
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}")
+        if self.swa_eviction not in SWA_EVICTION_POLICIES:
+            raise ValueError(f"swa_eviction must be one of {SWA_EVICTION_POLICIES}")
+        if self.chunked_prefill_size < self.page_size:
+            raise ValueError("chunked_prefill_size must be at least one page")
+        if self.max_prefill_tokens < self.page_size:
+            raise ValueError("max_prefill_tokens must be at least one page")
+        if self.full_tokens < 2 * self.page_size:
+            raise ValueError("full_tokens must hold at least two pages")
+        if self.has_swa:
+            _positive("sliding_window", self.sliding_window)
+            if self.swa_tokens < self.min_swa_tokens:
+                raise ValueError(
+                    f"swa_tokens must be at least {self.min_swa_tokens} "
+                    "(a window and two pages, so one request always fits)"
+                )
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {e}") from None
+        if self.backend not in (None, "triton", "torch"):
+            raise ValueError("backend must be 'triton', 'torch' or None")
+        if self.backend == "triton" and device.type != "cuda" and not interpreter_on():
+            raise ValueError("backend='triton' needs a CUDA device or TRITON_INTERPRET=1")
+
+    @property
+    def has_swa(self) -> bool:
+        return bool(self.swa_layer_ids)
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window in tokens, or ``None`` when the model has no SWA layers."""
+        return self.sliding_window if self.has_swa else None
+
+    @property
+    def min_swa_tokens(self) -> int:
+        ps = self.page_size
+        return (-(-max(self.sliding_window, ps) // ps) + 2) * ps
+
+    @property
+    def full_layer_ids(self) -> list[int]:
+        other = set(self.swa_layer_ids) | set(self.mamba_layer_ids)
+        return [i for i in range(self.num_layers) if i not in other]
+
+    def replace(self, **changes: object) -> CacheConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,558 @@
+"""MemoryManager: the engine facade over pools, tree and admission.
+
+A step is ``schedule()`` (admit and allocate, build page tables), the engine's forward
+(writing K/V at ``plan.out_cache_loc``), then ``commit()`` (advance, finish, cache).
+Prefill comes first: a step admits waiting requests (and continues the chunked one) when
+any fit, and otherwise decodes every running request.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hybridkv import kernels
+from hybridkv.allocator import KVPool, PagedAllocator, SWAAllocator
+from hybridkv.scheduler.adder import PrefillAdder
+from hybridkv.scheduler.config import CacheConfig
+from hybridkv.scheduler.cost import Cost, cost, decode_reserve, swa_steady
+from hybridkv.scheduler.plan import PageTable, Request, ScheduledReq, StepPlan
+from hybridkv.tree import EvictParams, LockHandle, RadixTree
+
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+
+COUNTERS = (
+    "computed_tokens",
+    "device_hit_tokens",
+    "host_hit_tokens",
+    "storage_hit_tokens",
+    "evicted_full_tokens",
+    "evicted_swa_tokens",
+    "backed_up_tokens",
+    "loaded_tokens",
+    "retracted_requests",
+)
+
+
+@dataclass(slots=True, eq=False)
+class _Req:
+    """A request's progress. Positions ``[0, kv_len)`` have KV, ``[0, alloc_len)`` slots
+    (in ``req_to_token[row]``); ``[0, cached_len)`` are the tree's (locked by ``lock``)."""
+
+    rid: str
+    fill_ids: list[int]  # prompt, then every generated token
+    output_len: int
+    max_new_tokens: int
+    arrival: int
+    row: int = -1
+    kv_len: int = 0
+    alloc_len: int = 0
+    cached_len: int = 0
+    lock: LockHandle | None = None
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.max_new_tokens - self.output_len
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A request's chunk admitted this step; ``prefix`` is its matched prefix if it is new."""
+
+    req: _Req
+    chunk: int
+    swa_held: int
+    prefix: torch.Tensor | None
+
+    @property
+    def completes(self) -> bool:
+        return self.req.kv_len + self.chunk == len(self.req.fill_ids)
+
+
+class MemoryManager:
+    """Owns the KV cache of one model replica; see the engine contract in DESIGN.md."""
+
+    def __init__(self, config: CacheConfig, tp_group: object | None = None) -> None:
+        if not isinstance(config, CacheConfig):
+            raise ValueError("config must be a CacheConfig")
+        if tp_group is not None:
+            raise ValueError("tp_group: tensor parallelism is not supported yet")
+        self.config = config
+        cfg = config
+        self.device = torch.device(cfg.device)
+        # NOTE: a model without SWA layers gets an SWA pool as large as the full pool and no
+        # window: it never runs short first and never releases, so one code path serves both.
+        swa_tokens = cfg.swa_tokens if cfg.has_swa else cfg.full_tokens
+        self.allocator = SWAAllocator(cfg.full_tokens, swa_tokens, cfg.page_size, self.device, cfg.backend)
+        self.tree = RadixTree(self.allocator, cfg.page_size, cfg.window, cfg.swa_eviction)
+        self.kv = KVPool(
+            cfg.full_layer_ids,
+            list(cfg.swa_layer_ids),
+            self.allocator.full.num_slots,
+            self.allocator.swa.num_slots,
+            cfg.page_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.dtype,
+            self.device,
+            self.allocator.full_to_swa,
+            cfg.backend,
+        )
+        rows = cfg.max_running_requests
+        self.req_to_token = torch.zeros(rows, cfg.max_context_len, dtype=torch.int32, device=self.device)
+        self.released_lens = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self._free_rows = list(range(rows - 1, -1, -1))
+        self._reqs: dict[str, _Req] = {}
+        self._waiting: deque[_Req] = deque()
+        self._running: dict[str, _Req] = {}  # past their prefill (or on its last chunk)
+        self._chunked: _Req | None = None
+        self._pending: StepPlan | None = None
+        self._arrivals = 0
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.counters = dict.fromkeys(COUNTERS, 0)
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ``ValueError`` (nothing changed) if it is malformed or can never fit."""
+        cfg = self.config
+        if not isinstance(request, Request):
+            raise ValueError("request must be a hybridkv.Request")
+        if not isinstance(request.rid, str) or not request.rid:
+            raise ValueError("rid must be a non-empty str")
+        if request.rid in self._reqs:
+            raise ValueError(f"rid {request.rid!r} is already in use")
+        ids = request.input_ids
+        if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
+            raise ValueError("input_ids must be a non-empty sequence of token ids")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError("input_ids must hold non-negative ints")
+        n = request.max_new_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
+        total = len(ids) + n
+        if total > cfg.max_context_len:
+            raise ValueError(
+                f"input_ids + max_new_tokens ({total}) exceeds max_context_len ({cfg.max_context_len})"
+            )
+        if cost(cfg, total).full > cfg.full_tokens - cfg.full_tokens % cfg.page_size:
+            raise ValueError(
+                f"input_ids + max_new_tokens ({total}) can never fit full_tokens ({cfg.full_tokens})"
+            )
+        req = _Req(request.rid, list(ids), 0, n, self._arrivals)
+        self._arrivals += 1
+        self._reqs[req.rid] = req
+        self._waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        """Drop a request wherever it is; its computed KV stays cached in the tree."""
+        req = self._get(rid)
+        if req.row < 0:
+            self._waiting.remove(req)
+        else:
+            self._release(req)
+            self._running.pop(rid, None)
+            if self._chunked is req:
+                self._chunked = None
+        del self._reqs[rid]
+
+    def req_slots(self, rid: str) -> torch.Tensor:
+        """int64 full slots of every position of ``rid`` that has KV."""
+        req = self._get(rid)
+        if req.row < 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return self.req_to_token[req.row, : req.kv_len].long()
+
+    def _get(self, rid: str) -> _Req:
+        if rid not in self._reqs:
+            raise ValueError(f"unknown rid {rid!r}")
+        return self._reqs[rid]
+
+    # ---------------------------------------------------------------- steps
+
+    def schedule(self) -> StepPlan | None:
+        """Plan the next step (``None`` when nothing can run); allocates its slots."""
+        if self._pending is not None:
+            raise ValueError("schedule: commit the pending plan first")
+        plan = self._schedule_prefill() or self._schedule_decode()
+        self._pending = plan
+        return plan
+
+    def commit(self, plan: StepPlan, next_token_ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """Advance every request of ``plan`` by its step; return the rids that finished.
+
+        ``next_token_ids``: one id per ``plan.reqs`` entry (ignored where the entry produces
+        no token, and for requests aborted since the plan).
+        """
+        if plan is None or plan is not self._pending:
+            raise ValueError("plan is not the pending plan of this manager")
+        if isinstance(next_token_ids, torch.Tensor):
+            next_token_ids = next_token_ids.tolist()
+        ids = list(next_token_ids)
+        if len(ids) != len(plan.reqs):
+            raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {len(plan.reqs)} requests")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError("next_token_ids must hold non-negative ints")
+        finished = []
+        with self.allocator.free_group():
+            for sreq, token in zip(plan.reqs, ids):
+                req = self._reqs.get(sreq.rid)
+                if req is None:
+                    continue  # aborted after schedule
+                req.kv_len += sreq.extend_len
+                self.counters["computed_tokens"] += sreq.extend_len
+                if not sreq.is_decode:
+                    self._cache_prefix(req)
+                if not sreq.produces_token:
+                    continue
+                req.fill_ids.append(token)
+                req.output_len += 1
+                if req.output_len >= req.max_new_tokens:
+                    finished.append(req)
+            for req in finished:
+                self._release(req)
+                del self._running[req.rid]
+                del self._reqs[req.rid]
+        self._pending = None
+        return [req.rid for req in finished]
+
+    # ---------------------------------------------------------------- prefill
+
+    def _rooms(self) -> tuple[int, int]:
+        """Each pool's available + evictable tokens."""
+        tree, alloc = self.tree, self.allocator
+        return alloc.full_available + tree.evictable_full, alloc.swa_available + tree.evictable_swa
+
+    def _swa_held(self, req: _Req) -> int:
+        """SWA tokens a running request holds (its own, not released)."""
+        if self.config.window is None:
+            return 0
+        return req.alloc_len - max(req.cached_len, int(self.released_lens[req.row]))
+
+    def _running_reservation(self) -> Cost:
+        """Full tokens held back for running decodes; SWA tokens they may still grow by."""
+        full = swa = 0
+        steady = swa_steady(self.config)
+        released = self.released_lens.tolist()
+        for req in self._running.values():
+            full += decode_reserve(req.remaining_new_tokens, self.new_token_ratio)
+            swa += max(0, steady - (req.alloc_len - released[req.row]))
+        return Cost(full, swa if self.config.has_swa else 0)
+
+    def _schedule_prefill(self) -> StepPlan | None:
+        if self._chunked is None and not self._waiting:
+            return None
+        adder = PrefillAdder(self.config, self._running_reservation())
+        admitted: list[_Admitted] = []
+        chunked = self._chunked
+        if chunked is not None:
+            self._release_swa([chunked])
+            held = self._swa_held(chunked)
+            chunk = adder.admit(
+                *self._rooms(),
+                len(chunked.fill_ids) - chunked.kv_len,
+                decode_reserve(chunked.remaining_new_tokens, self.new_token_ratio),
+                held,
+            )
+            if chunk == 0:
+                return None
+            admitted.append(_Admitted(chunked, chunk, held, None))
+        for req in self._waiting:
+            if len(admitted) - (chunked is not None) == len(self._free_rows):
+                break
+            if admitted and not admitted[-1].completes:
+                break  # a partial chunk took what was left
+            match = self.tree.match_prefix(req.fill_ids, len(req.fill_ids) - 1)
+            lock = self.tree.inc_lock(match.last_node)
+            chunk = adder.admit(
+                *self._rooms(),
+                len(req.fill_ids) - match.length,
+                decode_reserve(req.remaining_new_tokens, self.new_token_ratio),
+            )
+            if chunk == 0:
+                self.tree.dec_lock(lock)
+                break
+            req.lock, req.cached_len, req.kv_len = lock, match.length, match.length
+            admitted.append(_Admitted(req, chunk, 0, match.prefix_slots))
+        if not admitted:
+            return None
+        for a in admitted:
+            if a.prefix is not None:
+                self._waiting.popleft()
+                a.req.row = self._free_rows.pop()
+                self.released_lens[a.req.row] = a.req.cached_len
+                self.counters["device_hit_tokens"] += a.req.cached_len
+        plan = self._extend(admitted)
+        self._chunked = None
+        for a in admitted:
+            if a.completes:
+                self._running[a.req.rid] = a.req
+            else:
+                self._chunked = a.req
+        return plan
+
+    def _extend(self, admitted: list[_Admitted]) -> StepPlan:
+        """Evict what the batch lacks, allocate it in one call per pool, fill req_to_token."""
+        cfg, ps = self.config, self.config.page_size
+        prefix_lens = torch.tensor([a.req.kv_len for a in admitted], dtype=torch.int64)
+        seq_lens = prefix_lens + torch.tensor([a.chunk for a in admitted], dtype=torch.int64)
+        pages = (seq_lens + ps - 1) // ps - (prefix_lens + ps - 1) // ps
+        for n, a in zip(pages.tolist(), admitted):
+            # NOTE: allocation never takes more than admission charged (one cost function);
+            # both pools take n pages (SWA pages are paired with full pages).
+            charged = cost(cfg, a.chunk, a.swa_held)
+            assert n * ps <= charged.full, "full allocation exceeds the admitted cost"
+            assert cfg.window is None or n * ps <= charged.swa, "SWA allocation exceeds the cost"
+        self._make_room(int(pages.sum()) * ps)
+        rows = torch.tensor([a.req.row for a in admitted], dtype=torch.int64, device=self.device)
+        prefix_dev = prefix_lens.to(self.device)
+        last_loc = self.req_to_token[rows, (prefix_dev - 1).clamp(min=0)].long()
+        out = self.allocator.alloc_extend(prefix_lens, seq_lens, last_loc)
+        assert out is not None, "admitted batch does not fit after eviction"
+        new_prefixes = [a.prefix for a in admitted if a.prefix is not None]
+        write_lens = [a.req.kv_len if a.prefix is not None else 0 for a in admitted]
+        kernels.write_req_to_token(
+            self.req_to_token,
+            rows,
+            torch.cat(new_prefixes) if new_prefixes else out[:0],
+            torch.tensor(write_lens, dtype=torch.int64, device=self.device),
+            out,
+            prefix_dev,
+            seq_lens.to(self.device) - prefix_dev,
+            backend=cfg.backend,
+        )
+        sreqs = []
+        for a in admitted:
+            start = a.req.kv_len
+            a.req.alloc_len = start + a.chunk
+            sreqs.append(
+                ScheduledReq(
+                    rid=a.req.rid,
+                    req_pool_index=a.req.row,
+                    extend_start=start,
+                    extend_len=a.chunk,
+                    is_decode=False,
+                    produces_token=a.completes,
+                    cached_len=a.req.cached_len if a.prefix is not None else 0,
+                )
+            )
+        return self._plan(sreqs, out, rows, prefix_dev, seq_lens.to(self.device))
+
+    def _make_room(self, full_tokens: int, swa_tokens: int | None = None) -> bool:
+        """Evict until each pool has the tokens free; False if even eviction cannot."""
+        swa_tokens = full_tokens if swa_tokens is None else swa_tokens
+        alloc = self.allocator
+        short_full = max(0, full_tokens - alloc.full_available)
+        short_swa = max(0, swa_tokens - alloc.swa_available)
+        if short_full or short_swa:
+            freed = self.tree.evict(EvictParams(full=short_full, swa=short_swa))
+            self.counters["evicted_full_tokens"] += freed.full
+            self.counters["evicted_swa_tokens"] += freed.swa
+        return full_tokens <= alloc.full_available and swa_tokens <= alloc.swa_available
+
+    def _plan(
+        self,
+        sreqs: list[ScheduledReq],
+        out: torch.Tensor,
+        rows: torch.Tensor,
+        extend_starts: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> StepPlan:
+        cfg = self.config
+        full = kernels.page_table(
+            self.req_to_token, rows, torch.zeros_like(seq_lens), seq_lens, cfg.page_size, backend=cfg.backend
+        )
+        swa = None
+        if cfg.window is not None:
+            swa = kernels.page_table(
+                self.req_to_token,
+                rows,
+                (extend_starts - cfg.window).clamp(min=0),
+                seq_lens,
+                cfg.page_size,
+                full_to_swa_map=self.allocator.full_to_swa,
+                backend=cfg.backend,
+            )
+        return StepPlan(
+            reqs=sreqs,
+            out_cache_loc=out,
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            full_pages=PageTable(*full),
+            swa_pages=None if swa is None else PageTable(*swa),
+        )
+
+    # ---------------------------------------------------------------- decode
+
+    def _schedule_decode(self) -> StepPlan | None:
+        batch = sorted(self._running.values(), key=lambda r: r.arrival)
+        if not batch:
+            return None
+        self._release_swa(batch)
+        ps = self.config.page_size
+        while True:
+            need = sum(1 for r in batch if r.kv_len % ps == 0) * ps
+            if self._make_room(need):
+                break
+            # NOTE: a lone request always fits (add_request and CacheConfig check it).
+            if self._chunked is not None:
+                victim, self._chunked = self._chunked, None
+            else:
+                assert len(batch) > 1, "a single running request does not fit the pools"
+                victim = min(batch, key=lambda r: (r.output_len, -r.arrival))
+                batch.remove(victim)
+                del self._running[victim.rid]
+            self._retract(victim)
+        kv_lens = torch.tensor([r.kv_len for r in batch], dtype=torch.int64)
+        rows = torch.tensor([r.row for r in batch], dtype=torch.int64, device=self.device)
+        kv_dev = kv_lens.to(self.device)
+        last_loc = self.req_to_token[rows, kv_dev - 1].long()
+        out = self.allocator.alloc_decode(kv_lens + 1, last_loc)
+        assert out is not None, "decode batch does not fit after eviction"
+        ones = torch.ones_like(kv_dev)
+        kernels.write_req_to_token(
+            self.req_to_token, rows, out[:0], ones * 0, out, kv_dev, ones, backend=self.config.backend
+        )
+        sreqs = []
+        for req in batch:
+            req.alloc_len = req.kv_len + 1
+            sreqs.append(ScheduledReq(req.rid, req.row, req.kv_len, 1, True, True))
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return self._plan(sreqs, out, rows, kv_dev, kv_dev + 1)
+
+    def _release_swa(self, reqs: list[_Req]) -> None:
+        """Free the SWA pages that slid out of these requests' windows (one kernel call)."""
+        if self.config.window is None or not reqs:
+            return
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64, device=self.device)
+        seq = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=self.device)
+        self.released_lens[rows] = self.allocator.swa_release(
+            self.req_to_token, rows, seq, self.released_lens[rows], self.config.window
+        )
+
+    def _retract(self, req: _Req) -> None:
+        """Cache a running request's KV in the tree, free its slots and re-queue it first."""
+        self._release(req)
+        req.kv_len = req.alloc_len = req.cached_len = 0
+        self._waiting.appendleft(req)
+        self.counters["retracted_requests"] += 1
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+
+    def _cache_prefix(self, req: _Req) -> None:
+        """Give the whole pages of a prefilled chunk to the tree and lock them instead.
+
+        Other requests can share the prompt from now on, and the tree (not the request's
+        sliding window) decides when its SWA KV goes. Where the tree already held the tokens,
+        the request's duplicates are freed and its row points at the tree's slots.
+        """
+        ps = self.config.page_size
+        aligned = req.kv_len - req.kv_len % ps
+        if aligned <= req.cached_len:
+            return
+        row = req.row
+        released = int(self.released_lens[row])
+        node, slots = self.tree.insert(
+            req.fill_ids[:aligned],
+            self.req_to_token[row, :aligned].long(),
+            req.cached_len,
+            max(released, req.cached_len),
+        )
+        self.req_to_token[row, req.cached_len : aligned] = slots[req.cached_len :].to(torch.int32)
+        lock = self.tree.inc_lock(node)
+        assert req.lock is not None
+        self.tree.dec_lock(req.lock)
+        req.lock, req.cached_len = lock, aligned
+        self.released_lens[row] = max(released, aligned)
+
+    def _release(self, req: _Req) -> None:
+        """Give a request's KV to the tree (whole pages), free the rest, unlock, free its row."""
+        ps = self.config.page_size
+        aligned = req.kv_len - req.kv_len % ps
+        slots = self.req_to_token[req.row, : req.alloc_len].long()
+        released = int(self.released_lens[req.row]) if self.config.window is not None else 0
+        with self.allocator.free_group():
+            if aligned > req.cached_len:
+                self.tree.insert(req.fill_ids[:aligned], slots[:aligned], req.cached_len, released)
+            self.allocator.free(slots[max(aligned, req.cached_len) :])
+        assert req.lock is not None
+        self.tree.dec_lock(req.lock)
+        req.lock = None
+        self._free_rows.append(req.row)
+        req.row = -1
+
+    # ---------------------------------------------------------------- introspection
+
+    def stats(self) -> dict[str, int]:
+        """Gauges (tokens, slots or requests now) and counters (since start)."""
+        alloc, tree = self.allocator, self.tree
+        has_swa = self.config.has_swa
+        gauges = {
+            "full_free": alloc.full_available,
+            "swa_free": alloc.swa_available if has_swa else 0,
+            "state_free": 0,
+            "host_free": 0,
+            "full_cached": tree.cached_full,
+            "swa_cached": tree.cached_swa,
+            "running": len(self._running) + (self._chunked is not None),
+            "waiting": len(self._waiting),
+        }
+        return gauges | self.counters
+
+    def check(self) -> None:
+        """Assert every invariant: each page of each pool is in exactly one of the free list,
+        the tree and a running request; lock counts match the running requests' locks."""
+        self.tree.check()
+        self.allocator.check()
+        alloc, ps = self.allocator, self.config.page_size
+        active = [r for r in self._reqs.values() if r.row >= 0]
+        released = self.released_lens.tolist()
+        cached = self.tree.cached_slots()
+        own_full = [self.req_to_token[r.row, r.cached_len : r.alloc_len].long() for r in active]
+        own_swa = [
+            self.req_to_token[r.row, max(r.cached_len, released[r.row]) : r.alloc_len].long()
+            for r in active
+        ]
+        full_owners = [cached, *own_full]
+        swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
+        _assert_partition("full", [s // ps for s in full_owners], alloc.full)
+        _assert_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
+        locks: dict[int, int] = {}
+        for req in active:
+            assert req.lock is not None and req.lock.node.end == req.cached_len
+            for node in req.lock.node.path():
+                locks[id(node)] = locks.get(id(node), 0) + 1
+        for node in self.tree._nodes():
+            assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
+        for req in self._waiting:
+            assert req.row < 0 and req.lock is None and req.kv_len == 0
+        assert len(self._free_rows) + len(active) == self.config.max_running_requests
+
+    def flush(self) -> None:
+        """Wait for every pending transfer (device-only pools have none)."""
+
+    def close(self) -> None:
+        """Flush and drop every request; the manager is unusable afterwards."""
+        self.flush()
+        self._reqs.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self._chunked = None
+        self._pending = None
+
+
+def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
+    """Assert every page but page 0 is held by exactly one owner or free, page 0 by none."""
+    free = allocator.free_pages_view()
+    count = torch.zeros(allocator.num_pages, dtype=torch.int64, device=free.device)
+    for pages in owners:
+        pages = torch.unique(pages)
+        count.index_add_(0, pages, torch.ones_like(pages))
+    count.index_add_(0, free, torch.ones_like(free))
+    assert int(count[0]) == 0, f"{pool}: page 0 is in use"
+    bad = (count[1:] != 1).nonzero().flatten() + 1
+    assert bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice"

@@ -1,0 +1,104 @@
+"""A model-free engine: K/V are codes of each token's prefix, checked before every step.
+
+The code of position ``p`` is a rolling hash of ``tokens[:p+1]``, stored as small integers
+(exact in every float dtype). Reading a wrong page, a stale slot or another request's KV
+shows up as a code mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridkv.scheduler import MemoryManager, Request, StepPlan
+
+_MOD = (1 << 61) - 1
+_BASE = 1_000_003
+
+
+@dataclass(slots=True)
+class _Seq:
+    tokens: list[int]
+    hashes: list[int] = field(default_factory=list)
+
+    def hash_upto(self, n: int) -> list[int]:
+        """Prefix hashes of positions ``[0, n)``."""
+        h = self.hashes[-1] if self.hashes else 0
+        for t in self.tokens[len(self.hashes) : n]:
+            h = (h * _BASE + t + 1) % _MOD
+            self.hashes.append(h)
+        return self.hashes[:n]
+
+
+class FakeEngine:
+    """Drives a :class:`MemoryManager` like a forward loop and verifies KV integrity."""
+
+    def __init__(self, mm: MemoryManager, vocab: int = 32000, verify: bool = True) -> None:
+        self.mm = mm
+        self.vocab = vocab
+        self.verify = verify
+        self.seqs: dict[str, _Seq] = {}
+        cfg = mm.config
+        self.window = cfg.window
+        self.full_layer = cfg.full_layer_ids[0] if cfg.full_layer_ids else None
+        self.swa_layer = cfg.swa_layer_ids[0] if cfg.swa_layer_ids else None
+        self.attn_layers = cfg.full_layer_ids + list(cfg.swa_layer_ids)
+        self.outputs: dict[str, list[int]] = {}
+
+    def add(self, request: Request) -> None:
+        self.mm.add_request(request)
+        self.seqs[request.rid] = _Seq(list(request.input_ids))
+        self.outputs[request.rid] = []
+
+    def step(self) -> tuple[StepPlan | None, list[str]]:
+        """One schedule/forward/commit round; returns the plan and the finished rids."""
+        plan = self.mm.schedule()
+        if plan is None:
+            return None, []
+        if self.verify:
+            for sreq in plan.reqs:
+                self._verify_prefix(sreq.rid, sreq.extend_start)
+        codes = []
+        for sreq in plan.reqs:
+            hashes = self.seqs[sreq.rid].hash_upto(sreq.extend_start + sreq.extend_len)
+            codes.extend(hashes[sreq.extend_start :])
+        k, v = self._kv(codes)
+        for layer in self.attn_layers:
+            self.mm.kv.set_kv(layer, plan.out_cache_loc, k, v)
+        tokens = []
+        for sreq in plan.reqs:
+            h = self.seqs[sreq.rid].hashes[sreq.extend_start + sreq.extend_len - 1]
+            tokens.append(int(h % self.vocab))
+        finished = self.mm.commit(plan, tokens)
+        for sreq, token in zip(plan.reqs, tokens):
+            if sreq.produces_token and sreq.rid in self.seqs:
+                self.seqs[sreq.rid].tokens.append(token)
+                self.outputs[sreq.rid].append(token)
+        for rid in finished:
+            del self.seqs[rid]
+        return plan, finished
+
+    def _kv(self, codes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.mm.config
+        c = torch.tensor(codes, dtype=torch.int64)
+        shape = (len(codes), cfg.num_kv_heads, cfg.head_dim)
+        k = (c % 256).to(cfg.dtype)[:, None, None].expand(shape)
+        v = ((c >> 8) % 256).to(cfg.dtype)[:, None, None].expand(shape)
+        return k.to(self.mm.device), v.to(self.mm.device)
+
+    def _verify_prefix(self, rid: str, n: int) -> None:
+        """Assert positions ``[0, n)`` read back their codes (SWA layers: the last window)."""
+        slots = self.mm.req_slots(rid)
+        assert slots.numel() == n, f"{rid}: {slots.numel()} slots with KV, expected {n}"
+        if n == 0:
+            return
+        want_k, want_v = self._kv(self.seqs[rid].hash_upto(n))
+        if self.full_layer is not None:
+            k, v = self.mm.kv.get_kv(self.full_layer, slots)
+            assert torch.equal(k, want_k) and torch.equal(v, want_v), f"{rid}: full KV corrupted"
+        if self.swa_layer is not None:
+            lo = max(0, n - self.window)
+            k, v = self.mm.kv.get_kv(self.swa_layer, slots[lo:])
+            ok = torch.equal(k, want_k[lo:]) and torch.equal(v, want_v[lo:])
+            assert ok, f"{rid}: SWA KV of the last window corrupted"
