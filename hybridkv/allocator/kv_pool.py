@@ -42,24 +42,38 @@ class KVPool:
         self.backend = backend
         self.full_to_swa = full_to_swa
         shape = (num_kv_heads, head_dim)
-        self.full_buf = torch.zeros(2 * len(full_layer_ids), full_slots, *shape, dtype=dtype, device=device)
-        self.swa_buf = torch.zeros(2 * len(swa_layer_ids), swa_slots, *shape, dtype=dtype, device=device)
+        self.full_buf = torch.zeros(
+            2 * len(full_layer_ids), full_slots, *shape, dtype=dtype, device=device
+        )
+        self.swa_buf = torch.zeros(
+            2 * len(swa_layer_ids), swa_slots, *shape, dtype=dtype, device=device
+        )
         self._where = {lid: (False, j) for j, lid in enumerate(full_layer_ids)}
         self._where |= {lid: (True, j) for j, lid in enumerate(swa_layer_ids)}
 
-    def _locate(self, layer_id: int, full_slots: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def _locate(
+        self, layer_id: int, full_slots: torch.Tensor
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
         if layer_id not in self._where:
             raise ValueError(f"layer_id {layer_id} is not a full or SWA attention layer")
-        if not isinstance(full_slots, torch.Tensor) or full_slots.dtype != torch.int64 or full_slots.dim() != 1:
+        if (
+            not isinstance(full_slots, torch.Tensor)
+            or full_slots.dtype != torch.int64
+            or full_slots.dim() != 1
+        ):
             raise ValueError("full_slots must be a 1-D int64 tensor")
         is_swa, j = self._where[layer_id]
         if is_swa:
-            slots = kernels.full_to_swa(full_slots.to(self.full_to_swa.device), self.full_to_swa, backend=self.backend)
+            slots = kernels.full_to_swa(
+                full_slots.to(self.full_to_swa.device), self.full_to_swa, backend=self.backend
+            )
             return self.swa_buf, j, slots
         return self.full_buf, j, full_slots.to(self.full_buf.device)
 
-    def set_kv(self, layer_id: int, full_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots`` ``[n]``.
+    def set_kv(
+        self, layer_id: int, full_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write K/V ``[n, num_kv_heads, head_dim]`` of ``layer_id`` at ``full_slots`` ``[n]``.
 
         Tombstoned SWA slots translate to 0, the padding page, where writes are harmless.
         """
@@ -79,4 +93,6 @@ class KVPool:
     def page_view(self, swa: bool) -> torch.Tensor:
         """The pool as ``[pages, 2 * layers, page_size * heads * dim]`` for :func:`page_copy`."""
         buf = self.swa_buf if swa else self.full_buf
-        return buf.view(buf.shape[0], -1, self.page_size * self.num_kv_heads * self.head_dim).transpose(0, 1)
+        return buf.view(
+            buf.shape[0], -1, self.page_size * self.num_kv_heads * self.head_dim
+        ).transpose(0, 1)

@@ -136,8 +136,11 @@ class PagedAllocator:
 
     @contextmanager
     def free_group(self) -> Iterator[None]:
-        """Batch every ``free`` inside the block into one kernel call at its end."""
-        assert self._group is None, "free groups do not nest"
+        """Batch every ``free`` inside the block into one kernel call at its end (an inner
+        group joins the outer one)."""
+        if self._group is not None:
+            yield
+            return
         self._group = []
         try:
             yield

@@ -143,8 +143,11 @@ class SWAAllocator:
 
     @contextmanager
     def free_group(self) -> Iterator[None]:
-        """Batch every ``free`` inside the block into one call at its end."""
-        assert self._group is None, "free groups do not nest"
+        """Batch every ``free`` inside the block into one call at its end (an inner group
+        joins the outer one)."""
+        if self._group is not None:
+            yield
+            return
         self._group = []
         try:
             yield
@@ -164,4 +167,6 @@ class SWAAllocator:
         assert mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot"
         swa_free = torch.zeros(self.swa.num_pages, dtype=torch.bool, device=self.device)
         swa_free[self.swa.free_pages_view()] = True
-        assert not bool(swa_free[mapped // self.page_size].any()), "a full slot maps to a free SWA page"
+        assert not bool(swa_free[mapped // self.page_size].any()), (
+            "a full slot maps to a free SWA page"
+        )

@@ -26,7 +26,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and device.type != "cuda" and not interpreter_on():
         raise ValueError(
-            "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 set before Triton is imported"
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before Triton is "
+            "imported"
         )
     return backend
 
@@ -40,7 +41,7 @@ def check_tensor(
     device: torch.device | None = None,
     contiguous: bool = True,
 ) -> torch.Tensor:
-    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor of that dtype, rank and device."""
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor of that dtype, rank, device."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
@@ -58,7 +59,7 @@ def check_tensor(
 def check_same_len(names: tuple[str, ...], *tensors: torch.Tensor) -> int:
     """Raise ``ValueError`` unless all 1-D tensors have one length; return it."""
     n = tensors[0].shape[0]
-    for name, t in zip(names[1:], tensors[1:]):
+    for name, t in zip(names[1:], tensors[1:], strict=True):
         if t.shape[0] != n:
             raise ValueError(f"{name} has length {t.shape[0]}, expected {n} (as {names[0]})")
     return n

@@ -60,7 +60,9 @@ class CacheConfig:
         _positive("max_context_len", self.max_context_len)
         ids = self.swa_layer_ids + self.mamba_layer_ids
         if any(not 0 <= i < self.num_layers for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError("swa_layer_ids / mamba_layer_ids must be distinct ids in [0, num_layers)")
+            raise ValueError(
+                "swa_layer_ids / mamba_layer_ids must be distinct ids in [0, num_layers)"
+            )
         if self.mamba_layer_ids or self.state_slots:
             raise ValueError("mamba_layer_ids: recurrent state is not supported yet")
         if self.host_tokens:

@@ -88,7 +88,9 @@ class MemoryManager:
         # NOTE: a model without SWA layers gets an SWA pool as large as the full pool and no
         # window: it never runs short first and never releases, so one code path serves both.
         swa_tokens = cfg.swa_tokens if cfg.has_swa else cfg.full_tokens
-        self.allocator = SWAAllocator(cfg.full_tokens, swa_tokens, cfg.page_size, self.device, cfg.backend)
+        self.allocator = SWAAllocator(
+            cfg.full_tokens, swa_tokens, cfg.page_size, self.device, cfg.backend
+        )
         self.tree = RadixTree(self.allocator, cfg.page_size, cfg.window, cfg.swa_eviction)
         self.kv = KVPool(
             cfg.full_layer_ids,
@@ -104,7 +106,9 @@ class MemoryManager:
             cfg.backend,
         )
         rows = cfg.max_running_requests
-        self.req_to_token = torch.zeros(rows, cfg.max_context_len, dtype=torch.int32, device=self.device)
+        self.req_to_token = torch.zeros(
+            rows, cfg.max_context_len, dtype=torch.int32, device=self.device
+        )
         self.released_lens = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self._free_rows = list(range(rows - 1, -1, -1))
         self._reqs: dict[str, _Req] = {}
@@ -130,7 +134,7 @@ class MemoryManager:
         ids = request.input_ids
         if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty sequence of token ids")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        if not all(type(t) is int and t >= 0 for t in ids):
             raise ValueError("input_ids must hold non-negative ints")
         n = request.max_new_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -138,11 +142,13 @@ class MemoryManager:
         total = len(ids) + n
         if total > cfg.max_context_len:
             raise ValueError(
-                f"input_ids + max_new_tokens ({total}) exceeds max_context_len ({cfg.max_context_len})"
+                f"input_ids + max_new_tokens ({total}) exceeds max_context_len "
+                f"({cfg.max_context_len})"
             )
         if cost(cfg, total).full > cfg.full_tokens - cfg.full_tokens % cfg.page_size:
             raise ValueError(
-                f"input_ids + max_new_tokens ({total}) can never fit full_tokens ({cfg.full_tokens})"
+                f"input_ids + max_new_tokens ({total}) can never fit full_tokens "
+                f"({cfg.full_tokens})"
             )
         req = _Req(request.rid, list(ids), 0, n, self._arrivals)
         self._arrivals += 1
@@ -195,12 +201,14 @@ class MemoryManager:
             next_token_ids = next_token_ids.tolist()
         ids = list(next_token_ids)
         if len(ids) != len(plan.reqs):
-            raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {len(plan.reqs)} requests")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(
+                f"next_token_ids has {len(ids)} ids, plan has {len(plan.reqs)} requests"
+            )
+        if not all(type(t) is int and t >= 0 for t in ids):
             raise ValueError("next_token_ids must hold non-negative ints")
         finished = []
         with self.allocator.free_group():
-            for sreq, token in zip(plan.reqs, ids):
+            for sreq, token in zip(plan.reqs, ids, strict=True):
                 req = self._reqs.get(sreq.rid)
                 if req is None:
                     continue  # aborted after schedule
@@ -302,7 +310,7 @@ class MemoryManager:
         prefix_lens = torch.tensor([a.req.kv_len for a in admitted], dtype=torch.int64)
         seq_lens = prefix_lens + torch.tensor([a.chunk for a in admitted], dtype=torch.int64)
         pages = (seq_lens + ps - 1) // ps - (prefix_lens + ps - 1) // ps
-        for n, a in zip(pages.tolist(), admitted):
+        for n, a in zip(pages.tolist(), admitted, strict=True):
             # NOTE: allocation never takes more than admission charged (one cost function);
             # both pools take n pages (SWA pages are paired with full pages).
             charged = cost(cfg, a.chunk, a.swa_held)
@@ -365,7 +373,12 @@ class MemoryManager:
     ) -> StepPlan:
         cfg = self.config
         full = kernels.page_table(
-            self.req_to_token, rows, torch.zeros_like(seq_lens), seq_lens, cfg.page_size, backend=cfg.backend
+            self.req_to_token,
+            rows,
+            torch.zeros_like(seq_lens),
+            seq_lens,
+            cfg.page_size,
+            backend=cfg.backend,
         )
         swa = None
         if cfg.window is not None:
@@ -390,7 +403,7 @@ class MemoryManager:
     # ---------------------------------------------------------------- decode
 
     def _schedule_decode(self) -> StepPlan | None:
-        batch = sorted(self._running.values(), key=lambda r: r.arrival)
+        batch = list(self._running.values())
         if not batch:
             return None
         self._release_swa(batch)
@@ -416,13 +429,22 @@ class MemoryManager:
         assert out is not None, "decode batch does not fit after eviction"
         ones = torch.ones_like(kv_dev)
         kernels.write_req_to_token(
-            self.req_to_token, rows, out[:0], ones * 0, out, kv_dev, ones, backend=self.config.backend
+            self.req_to_token,
+            rows,
+            out[:0],
+            ones * 0,
+            out,
+            kv_dev,
+            ones,
+            backend=self.config.backend,
         )
         sreqs = []
         for req in batch:
             req.alloc_len = req.kv_len + 1
             sreqs.append(ScheduledReq(req.rid, req.row, req.kv_len, 1, True, True))
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
+        )
         return self._plan(sreqs, out, rows, kv_dev, kv_dev + 1)
 
     def _release_swa(self, reqs: list[_Req]) -> None:

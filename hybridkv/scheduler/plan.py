@@ -17,12 +17,12 @@ class Request:
     max_new_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledReq:
+class ScheduledReq(NamedTuple):
     """One request's part of a step: positions ``[extend_start, extend_start + extend_len)``.
 
     ``cached_len`` (prefix found on device) and ``loaded_len`` (prefix loaded back) are set on
-    a request's first chunk and 0 on later chunks.
+    a request's first chunk and 0 on later chunks. (A NamedTuple: a step builds one per
+    running request, and it is three times cheaper to make than a frozen dataclass.)
     """
 
     rid: str

@@ -71,7 +71,7 @@ class FakeEngine:
             h = self.seqs[sreq.rid].hashes[sreq.extend_start + sreq.extend_len - 1]
             tokens.append(int(h % self.vocab))
         finished = self.mm.commit(plan, tokens)
-        for sreq, token in zip(plan.reqs, tokens):
+        for sreq, token in zip(plan.reqs, tokens, strict=True):
             if sreq.produces_token and sreq.rid in self.seqs:
                 self.seqs[sreq.rid].tokens.append(token)
                 self.outputs[sreq.rid].append(token)

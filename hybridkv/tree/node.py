@@ -19,6 +19,7 @@ class Node:
     locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window).
     """
 
+    uid: int  # creation order in its tree: a deterministic LRU tie-break
     key: list[int]
     start: int
     parent: Node | None

@@ -14,6 +14,7 @@ SWA usability of a match (window ``w``)::
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +86,8 @@ class RadixTree:
         self.window = window
         self.swa_eviction = swa_eviction
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
-        self.root = Node(key=[], start=0, parent=None, full=empty, swa=window is not None)
+        self._uids = itertools.count()
+        self.root = Node(uid=next(self._uids), key=[], start=0, parent=None, full=empty, swa=window is not None)
         self.root.full_lock = self.root.swa_lock = 1  # never evicted
         self.cached_full = 0  # tokens with device full KV
         self.cached_swa = 0  # tokens with device SWA KV
@@ -164,6 +166,7 @@ class RadixTree:
         """
         ps = self.page_size
         upper = Node(
+            uid=next(self._uids),
             key=node.key[:k],
             start=node.start,
             parent=node.parent,
@@ -224,7 +227,9 @@ class RadixTree:
 
     # ---------------------------------------------------------------- insert
 
-    def insert(self, tokens: list[int], slots: torch.Tensor, own_from: int, swa_from: int) -> None:
+    def insert(
+        self, tokens: list[int], slots: torch.Tensor, own_from: int, swa_from: int
+    ) -> tuple[Node, torch.Tensor]:
         """Cache ``tokens`` (a whole number of pages) whose full KV is at ``slots``.
 
         ``slots[:own_from]`` are the tree's own (the caller's locked, matched prefix);
@@ -232,6 +237,9 @@ class RadixTree:
         where the tree already holds the tokens. Positions ``>= swa_from`` still have the
         caller's SWA KV (it released the rest): a new node before ``swa_from`` is a tombstone,
         and a tombstoned cached node adopts the caller's SWA KV instead of dropping it.
+
+        Returns the node ending at ``len(tokens)`` and the tree's full slots of ``tokens``
+        (where duplicates were freed, they differ from ``slots``).
         """
         ps, n = self.page_size, len(tokens)
         assert n % ps == 0 and slots.numel() == n and own_from % ps == 0 and swa_from % ps == 0
@@ -239,10 +247,12 @@ class RadixTree:
         self._clock += 1
         node, pos = self.root, 0
         dups: list[torch.Tensor] = []
+        path: list[torch.Tensor] = [self.root.full]
         while pos < n:
             child = node.children.get(tuple(tokens[pos : pos + ps]))
             if child is None:
-                self._add_path(node, tokens, slots, pos, swa_from if windowed else n)
+                node = self._add_path(node, tokens, slots, pos, swa_from if windowed else n)
+                path.append(slots[pos:])
                 break
             m = self._common_len(child.key, tokens, pos, n)
             if m < len(child):
@@ -261,17 +271,20 @@ class RadixTree:
                         self.evictable_swa += len(child)
                 dups.append(slots[lo : child.end])
             child.last_access = self._clock
+            path.append(child.full)
             node, pos = child, child.end
         if dups:
             self.allocator.free(torch.cat(dups))
+        return node, torch.cat(path)
 
     def _add_path(
         self, parent: Node, tokens: list[int], slots: torch.Tensor, pos: int, swa_from: int
-    ) -> None:
+    ) -> Node:
         """Hang ``tokens[pos:]`` under ``parent``: a tombstone up to ``swa_from``, then present."""
         cuts = sorted({pos, min(max(swa_from, pos), len(tokens)), len(tokens)})
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             child = Node(
+                uid=next(self._uids),
                 key=tokens[a:b],
                 start=a,
                 parent=parent,
@@ -286,6 +299,7 @@ class RadixTree:
                 self.cached_swa += b - a
                 self.evictable_swa += b - a
             parent = child
+        return parent
 
     # ---------------------------------------------------------------- evict
 
@@ -315,7 +329,7 @@ class RadixTree:
 
     def _evict_leaves(self, target: int, removed: list[torch.Tensor]) -> EvictResult:
         """Remove unlocked leaves, least recently used first, until ``target`` full tokens."""
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if self._removable(n)]
+        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._removable(n)]
         heapq.heapify(heap)
         full = swa = 0
         while heap and full < target:
@@ -324,14 +338,14 @@ class RadixTree:
             full_n, swa_n = self._remove(node, removed)
             full, swa = full + full_n, swa + swa_n
             if parent is not None and self._removable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
         return EvictResult(full, swa)
 
     def _evict_lru_swa(
         self, target: int, removed: list[torch.Tensor], tombstoned: list[torch.Tensor]
     ) -> EvictResult:
         """Free ``target`` SWA tokens in LRU order: remove leaves, tombstone internal nodes."""
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if n.swa and n.swa_lock == 0]
+        heap = [(n.last_access, n.uid, n) for n in self._nodes() if n.swa and n.swa_lock == 0]
         heapq.heapify(heap)
         full = swa = 0
         while heap and swa < target:
@@ -343,7 +357,7 @@ class RadixTree:
                 full_n, swa_n = self._remove(node, removed)
                 full, swa = full + full_n, swa + swa_n
                 if parent.swa and parent.swa_lock == 0 and self._removable(parent):
-                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                    heapq.heappush(heap, (parent.last_access, parent.uid, parent))
             else:
                 swa += self._tombstone(node, tombstoned)
         return EvictResult(full, swa)
@@ -358,7 +372,7 @@ class RadixTree:
         victims = [
             n for n in self._nodes() if n.swa and n.swa_lock == 0 and protected[id(n)] > n.start
         ]
-        victims.sort(key=lambda n: (n.last_access, n.start))
+        victims.sort(key=lambda n: (n.last_access, n.uid))
         freed = 0
         for node in victims:
             if freed >= target:
