@@ -11,6 +11,7 @@ never asserted.
 from __future__ import annotations
 
 import pytest
+
 from hybridkv.kernels.cases import BATCHES, JOBS, build_case
 
 COPY_JOBS = [job for job in JOBS if job.startswith("page_copy_")]

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hybridkv from th
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+
 from hybridkv.kernels.cases import BATCHES, CPU_KV, GPU_KV, JOBS, Case, build_case  # noqa: E402
 
 QUANTILES = [0.5, 0.2, 0.8]

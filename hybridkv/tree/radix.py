@@ -87,7 +87,9 @@ class RadixTree:
         self.swa_eviction = swa_eviction
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._uids = itertools.count()
-        self.root = Node(uid=next(self._uids), key=[], start=0, parent=None, full=empty, swa=window is not None)
+        self.root = Node(
+            uid=next(self._uids), key=[], start=0, parent=None, full=empty, swa=window is not None
+        )
         self.root.full_lock = self.root.swa_lock = 1  # never evicted
         self.cached_full = 0  # tokens with device full KV
         self.cached_swa = 0  # tokens with device SWA KV
