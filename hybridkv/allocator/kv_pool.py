@@ -93,6 +93,6 @@ class KVPool:
     def page_view(self, swa: bool) -> torch.Tensor:
         """The pool as ``[pages, 2 * layers, page_size * heads * dim]`` for :func:`page_copy`."""
         buf = self.swa_buf if swa else self.full_buf
-        return buf.view(
-            buf.shape[0], -1, self.page_size * self.num_kv_heads * self.head_dim
-        ).transpose(0, 1)
+        page_elems = self.page_size * self.num_kv_heads * self.head_dim
+        pages = buf.shape[1] // self.page_size
+        return buf.view(buf.shape[0], pages, page_elems).transpose(0, 1)

@@ -71,7 +71,7 @@ class SWAAllocator:
         need = int(((seq_lens - 1) % self.page_size == 0).sum())
         if need > self.full.free_page_count or need > self.swa.free_page_count:
             return None
-        swa_last_loc = self.translate(last_loc)
+        swa_last_loc = self.translate(last_loc.clamp(min=0))
         full_slots = self.full.alloc_decode(seq_lens, last_loc)
         swa_slots = self.swa.alloc_decode(seq_lens, swa_last_loc)
         assert full_slots is not None and swa_slots is not None
@@ -138,7 +138,8 @@ class SWAAllocator:
             self.page_size,
             backend=self.backend,
         )
-        self.swa.free_pages(freed)
+        # NOTE: a page tombstoned before its release comes back as SWA page 0: never free it.
+        self.swa.free_pages(freed[freed != 0])
         return new_released
 
     @contextmanager
