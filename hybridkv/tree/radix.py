@@ -265,7 +265,9 @@ class RadixTree:
                 adopt_from = max(lo, swa_from)
                 if windowed and not child.swa and adopt_from < child.end:
                     if adopt_from > child.start:
-                        self._split(child, adopt_from - child.start)
+                        upper = self._split(child, adopt_from - child.start)
+                        upper.last_access = self._clock
+                        path.append(upper.full)
                     self.allocator.adopt_swa(child.full, slots[child.start : child.end])
                     child.swa = True
                     self.cached_swa += len(child)
