@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hybridkv.kernels import interpreter_on
-from hybridkv.tree import SWA_EVICTION_POLICIES
-
-WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
+from hybridkv.tree import SWA_EVICTION_POLICIES, WRITE_POLICIES
 
 
 def _default_device() -> str:
@@ -65,8 +63,10 @@ class CacheConfig:
             )
         if self.mamba_layer_ids or self.state_slots:
             raise ValueError("mamba_layer_ids: recurrent state is not supported yet")
-        if self.host_tokens:
-            raise ValueError("host_tokens: the host tier is not supported yet")
+        if not isinstance(self.host_tokens, int) or self.host_tokens < 0:
+            raise ValueError(f"host_tokens must be a non-negative int, got {self.host_tokens!r}")
+        if 0 < self.host_tokens < 2 * self.page_size:
+            raise ValueError("host_tokens must be 0 (no host tier) or hold at least two pages")
         if self.storage is not None:
             raise ValueError("storage: the storage tier is not supported yet")
         if self.write_policy not in WRITE_POLICIES:
@@ -110,6 +110,11 @@ class CacheConfig:
     def min_swa_tokens(self) -> int:
         ps = self.page_size
         return (-(-max(self.sliding_window, ps) // ps) + 2) * ps
+
+    @property
+    def host_swa_tokens(self) -> int:
+        """Host SWA tokens: the device ratio of SWA to full, at least what one request needs."""
+        return max(self.host_tokens * self.swa_tokens // self.full_tokens, self.min_swa_tokens)
 
     @property
     def full_layer_ids(self) -> list[int]:

@@ -29,23 +29,27 @@ class Cost:
         return Cost(self.full + other.full, self.swa + other.swa)
 
 
+NO_LOAD = Cost()
+
+
 def _pages(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def cost(config: CacheConfig, chunk_len: int, swa_held: int = 0) -> Cost:
+def cost(config: CacheConfig, chunk_len: int, swa_held: int = 0, load: Cost = NO_LOAD) -> Cost:
     """What computing ``chunk_len`` new tokens of a request takes from each pool.
 
     ``swa_held``: SWA tokens the request holds already (after its release; 0 when new).
     Its SWA footprint grows to ``max(held + chunk, window)`` plus a page, of which it holds
-    ``held`` (in whole pages) already.
+    ``held`` (in whole pages) already. ``load``: the full and SWA KV of its matched prefix
+    to load back from host (SGLang PR 27391 forgot the SWA part and ran out after admitting).
     """
     ps = config.page_size
-    full = (_pages(chunk_len, ps) + 1) * ps
+    full = (_pages(chunk_len, ps) + 1) * ps + load.full
     if config.window is None:
         return Cost(full, 0)
     footprint = _pages(max(swa_held + chunk_len, config.window), ps) + 1
-    return Cost(full, (footprint - _pages(swa_held, ps)) * ps)
+    return Cost(full, (footprint - _pages(swa_held, ps)) * ps + load.swa)
 
 
 def largest_chunk(config: CacheConfig, full_room: int, swa_room: int, swa_held: int = 0) -> int:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from hybridkv import kernels
-from hybridkv.allocator import KVPool, PagedAllocator, SWAAllocator
+from hybridkv.allocator import HostPool, KVPool, PagedAllocator, SWAAllocator
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.config import CacheConfig
-from hybridkv.scheduler.cost import Cost, cost, decode_reserve, swa_steady
+from hybridkv.scheduler.cost import NO_LOAD, Cost, cost, decode_reserve, swa_steady
 from hybridkv.scheduler.plan import PageTable, Request, ScheduledReq, StepPlan
-from hybridkv.tree import EvictParams, LockHandle, RadixTree
+from hybridkv.tree import EvictParams, HostTier, LockHandle, MatchResult, RadixTree
 
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
@@ -62,12 +62,14 @@ class _Req:
 
 @dataclass(frozen=True, slots=True)
 class _Admitted:
-    """A request's chunk admitted this step; ``prefix`` is its matched prefix if it is new."""
+    """A request's chunk admitted this step; ``match`` is its matched prefix if it is new,
+    ``load`` what loading that prefix back from host takes."""
 
     req: _Req
     chunk: int
     swa_held: int
-    prefix: torch.Tensor | None
+    match: MatchResult | None = None
+    load: Cost = NO_LOAD
 
     @property
     def completes(self) -> bool:
@@ -91,7 +93,6 @@ class MemoryManager:
         self.allocator = SWAAllocator(
             cfg.full_tokens, swa_tokens, cfg.page_size, self.device, cfg.backend
         )
-        self.tree = RadixTree(self.allocator, cfg.page_size, cfg.window, cfg.swa_eviction)
         self.kv = KVPool(
             cfg.full_layer_ids,
             list(cfg.swa_layer_ids),
@@ -104,6 +105,9 @@ class MemoryManager:
             self.device,
             self.allocator.full_to_swa,
             cfg.backend,
+        )
+        self.tree = RadixTree(
+            self.allocator, cfg.page_size, cfg.window, cfg.swa_eviction, self._host_tier()
         )
         rows = cfg.max_running_requests
         self.req_to_token = torch.zeros(
@@ -119,6 +123,20 @@ class MemoryManager:
         self._arrivals = 0
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.counters = dict.fromkeys(COUNTERS, 0)
+
+    def _host_tier(self) -> HostTier | None:
+        cfg = self.config
+        if not cfg.host_tokens:
+            return None
+        page_elems = cfg.page_size * cfg.num_kv_heads * cfg.head_dim
+        full = HostPool(
+            cfg.host_tokens, cfg.page_size, 2 * len(cfg.full_layer_ids), page_elems, cfg.dtype
+        )
+        swa = None
+        if cfg.has_swa:
+            chunks = 2 * len(cfg.swa_layer_ids)
+            swa = HostPool(cfg.host_swa_tokens, cfg.page_size, chunks, page_elems, cfg.dtype)
+        return HostTier(self.kv, full, swa, cfg.write_policy)
 
     # ---------------------------------------------------------------- requests
 
@@ -185,6 +203,10 @@ class MemoryManager:
         """Plan the next step (``None`` when nothing can run); allocates its slots."""
         if self._pending is not None:
             raise ValueError("schedule: commit the pending plan first")
+        if self.tree.host is not None:
+            # NOTE: pages freed after a backup may be handed out now: the engine's stream
+            # must not write them before the backup copy has read them.
+            self.tree.host.transfers.wait()
         plan = self._schedule_prefill() or self._schedule_decode()
         self._pending = plan
         return plan
@@ -276,25 +298,28 @@ class MemoryManager:
             if admitted and not admitted[-1].completes:
                 break  # a partial chunk took what was left
             match = self.tree.match_prefix(req.fill_ids, len(req.fill_ids) - 1)
-            lock = self.tree.inc_lock(match.last_node)
+            lock = self.tree.inc_lock(match.last_node, match.last_host_node.end)
+            self.tree.pin_host(match, +1)
+            load = Cost(match.host_hit_length, match.swa_host_hit_length)
+            prefix_len = match.length + match.host_hit_length
             chunk = adder.admit(
                 *self._rooms(),
-                len(req.fill_ids) - match.length,
+                len(req.fill_ids) - prefix_len,
                 decode_reserve(req.remaining_new_tokens, self.new_token_ratio),
+                load=load,
             )
             if chunk == 0:
+                self.tree.pin_host(match, -1)
                 self.tree.dec_lock(lock)
                 break
-            req.lock, req.cached_len, req.kv_len = lock, match.length, match.length
-            admitted.append(_Admitted(req, chunk, 0, match.prefix_slots))
+            req.lock, req.kv_len = lock, prefix_len
+            admitted.append(_Admitted(req, chunk, 0, match, load))
         if not admitted:
             return None
         for a in admitted:
-            if a.prefix is not None:
+            if a.match is not None:
                 self._waiting.popleft()
                 a.req.row = self._free_rows.pop()
-                self.released_lens[a.req.row] = a.req.cached_len
-                self.counters["device_hit_tokens"] += a.req.cached_len
         plan = self._extend(admitted)
         self._chunked = None
         for a in admitted:
@@ -305,7 +330,8 @@ class MemoryManager:
         return plan
 
     def _extend(self, admitted: list[_Admitted]) -> StepPlan:
-        """Evict what the batch lacks, allocate it in one call per pool, fill req_to_token."""
+        """Evict what the batch lacks, load back matched host KV, allocate the new tokens in one
+        call per pool, and fill req_to_token."""
         cfg, ps = self.config, self.config.page_size
         prefix_lens = torch.tensor([a.req.kv_len for a in admitted], dtype=torch.int64)
         seq_lens = prefix_lens + torch.tensor([a.chunk for a in admitted], dtype=torch.int64)
@@ -313,21 +339,22 @@ class MemoryManager:
         for n, a in zip(pages.tolist(), admitted, strict=True):
             # NOTE: allocation never takes more than admission charged (one cost function);
             # both pools take n pages (SWA pages are paired with full pages).
-            charged = cost(cfg, a.chunk, a.swa_held)
-            assert n * ps <= charged.full, "full allocation exceeds the admitted cost"
-            assert cfg.window is None or n * ps <= charged.swa, "SWA allocation exceeds the cost"
-        self._make_room(int(pages.sum()) * ps)
+            charged = cost(cfg, a.chunk, a.swa_held, a.load)
+            assert n * ps + a.load.full <= charged.full, "full allocation exceeds the cost"
+            assert cfg.window is None or n * ps + a.load.swa <= charged.swa, "SWA exceeds the cost"
+        load = sum((a.load for a in admitted), NO_LOAD)
+        self._make_room(int(pages.sum()) * ps + load.full, int(pages.sum()) * ps + load.swa)
+        prefixes = self._take_prefixes([a for a in admitted if a.match is not None])
         rows = torch.tensor([a.req.row for a in admitted], dtype=torch.int64, device=self.device)
         prefix_dev = prefix_lens.to(self.device)
         last_loc = self.req_to_token[rows, (prefix_dev - 1).clamp(min=0)].long()
         out = self.allocator.alloc_extend(prefix_lens, seq_lens, last_loc)
         assert out is not None, "admitted batch does not fit after eviction"
-        new_prefixes = [a.prefix for a in admitted if a.prefix is not None]
-        write_lens = [a.req.kv_len if a.prefix is not None else 0 for a in admitted]
+        write_lens = [a.req.kv_len if a.match is not None else 0 for a in admitted]
         kernels.write_req_to_token(
             self.req_to_token,
             rows,
-            torch.cat(new_prefixes) if new_prefixes else out[:0],
+            torch.cat(prefixes) if prefixes else out[:0],
             torch.tensor(write_lens, dtype=torch.int64, device=self.device),
             out,
             prefix_dev,
@@ -346,10 +373,32 @@ class MemoryManager:
                     extend_len=a.chunk,
                     is_decode=False,
                     produces_token=a.completes,
-                    cached_len=a.req.cached_len if a.prefix is not None else 0,
+                    cached_len=a.match.length if a.match is not None else 0,
+                    loaded_len=a.load.full,
                 )
             )
         return self._plan(sreqs, out, rows, prefix_dev, seq_lens.to(self.device))
+
+    def _take_prefixes(self, new: list[_Admitted]) -> list[torch.Tensor]:
+        """Load the new requests' host hits back (one call per pool), move each lock to the end
+        of its whole prefix, and return each prefix's device slots."""
+        ends = [a.match.last_host_node for a in new if a.load.full or a.load.swa]
+        if ends:
+            self.counters["loaded_tokens"] += self.tree.load_back(ends)
+        prefixes = []
+        for a in new:
+            req, match = a.req, a.match
+            if a.load.full or a.load.swa:
+                lock = self.tree.inc_lock(match.last_host_node)
+                self.tree.dec_lock(req.lock)
+                req.lock = lock
+            self.tree.pin_host(match, -1)
+            req.cached_len = req.kv_len
+            self.released_lens[req.row] = req.cached_len
+            self.counters["device_hit_tokens"] += match.length
+            self.counters["host_hit_tokens"] += a.load.full
+            prefixes.append(self.tree.prefix_slots(req.lock.node))
+        return prefixes
 
     def _make_room(self, full_tokens: int, swa_tokens: int | None = None) -> bool:
         """Evict until each pool has the tokens free; False if even eviction cannot."""
@@ -398,6 +447,7 @@ class MemoryManager:
             seq_lens=seq_lens,
             full_pages=PageTable(*full),
             swa_pages=None if swa is None else PageTable(*swa),
+            transfers=None if self.tree.host is None else self.tree.host.transfers,
         )
 
     # ---------------------------------------------------------------- decode
@@ -517,13 +567,13 @@ class MemoryManager:
             "full_free": alloc.full_available,
             "swa_free": alloc.swa_available if has_swa else 0,
             "state_free": 0,
-            "host_free": 0,
+            "host_free": tree.host.full.available if tree.host is not None else 0,
             "full_cached": tree.cached_full,
             "swa_cached": tree.cached_swa,
             "running": len(self._running) + (self._chunked is not None),
             "waiting": len(self._waiting),
         }
-        return gauges | self.counters
+        return gauges | self.counters | {"backed_up_tokens": tree.backed_up_tokens}
 
     def check(self) -> None:
         """Assert every invariant: each page of each pool is in exactly one of the free list,
@@ -548,14 +598,18 @@ class MemoryManager:
             assert req.lock is not None and req.lock.node.end == req.cached_len
             for node in req.lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
+                assert node.start < req.lock.swa_start or node.swa, "a locked window lost SWA"
         for node in self.tree._nodes():
             assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
+            assert node.host_lock == 0, "a host copy pinned between steps"
         for req in self._waiting:
             assert req.row < 0 and req.lock is None and req.kv_len == 0
         assert len(self._free_rows) + len(active) == self.config.max_running_requests
 
     def flush(self) -> None:
-        """Wait for every pending transfer (device-only pools have none)."""
+        """Wait for every pending host<->device transfer."""
+        if self.tree.host is not None:
+            self.tree.host.transfers.flush()
 
     def close(self) -> None:
         """Flush and drop every request; the manager is unusable afterwards."""

@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from hybridkv.tree import Transfers
+
 
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -56,10 +58,14 @@ class StepPlan:
     seq_lens: torch.Tensor
     full_pages: PageTable
     swa_pages: PageTable | None
+    transfers: Transfers | None = None
 
     def wait(self, layer_id: int | None = None) -> None:
-        """Block until this plan's load-backs (of ``layer_id``, or all) have landed.
+        """Make the engine's stream wait until this plan's load-backs (of ``layer_id``, or
+        all) have landed; call it before attention reads the prefix.
 
-        Device-only pools load nothing back, so there is nothing to wait for.
+        Every layer's pages land with one copy per pool, so a layer waits for all of them.
+        On CPU copies are synchronous and there is nothing to wait for.
         """
-        return None
+        if self.transfers is not None:
+            self.transfers.wait()

@@ -11,12 +11,14 @@ import torch
 class Node:
     """A node caches tokens ``[start, start + len(key))`` of every path through it.
 
-    Components:
-      * full: ``full`` holds the device full slots (one per token).
-      * swa: ``swa`` says whether the tokens' SWA KV exists (reached through the
-        allocator's full->SWA map); ``False`` is a tombstone.
+    Components, each with a device and (with the host tier) a host value:
+      * full: ``full`` holds the device full slots (one per token), ``None`` once evicted
+        from the device; ``host_full`` the host slots of its backup.
+      * swa: ``swa`` says whether the tokens' device SWA KV exists (reached through the
+        allocator's full->SWA map; ``False`` is a tombstone); ``host_swa`` its backup.
     Lock counts are per component: a full lock pins the node's full KV (every node on a
-    locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window).
+    locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window), a
+    host lock its host values (a load back or a copy in flight).
     """
 
     uid: int  # creation order in its tree: a deterministic LRU tie-break
@@ -26,8 +28,11 @@ class Node:
     full: torch.Tensor | None
     swa: bool
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
+    host_full: torch.Tensor | None = None
+    host_swa: torch.Tensor | None = None
     full_lock: int = 0
     swa_lock: int = 0
+    host_lock: int = 0
     last_access: int = 0
     hit_count: int = 0
 
@@ -41,6 +46,14 @@ class Node:
     @property
     def is_leaf(self) -> bool:
         return not self.children
+
+    @property
+    def on_device(self) -> bool:
+        return self.full is not None
+
+    @property
+    def on_host(self) -> bool:
+        return self.host_full is not None
 
     def path(self) -> list[Node]:
         """Nodes from this one up to (not including) the root."""

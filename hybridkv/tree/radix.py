@@ -13,13 +13,14 @@ SWA usability of a match (window ``w``)::
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from dataclasses import dataclass
 
 import torch
 
 from hybridkv.allocator import SWAAllocator
+from hybridkv.tree.evict import EvictionMixin
+from hybridkv.tree.host import HostMixin, HostTier
 from hybridkv.tree.node import Node
 
 SWA_EVICTION_POLICIES = ("window", "lru")
@@ -27,14 +28,32 @@ SWA_EVICTION_POLICIES = ("window", "lru")
 
 @dataclass(frozen=True, slots=True)
 class MatchResult:
-    """A device prefix: the full slots of ``length`` tokens, ending at ``last_node``."""
+    """A cached prefix: on device, the full slots of ``length`` tokens ending at
+    ``last_node``; then ``host_nodes``, cached on host only, to load back; ``swa_nodes``
+    are the nodes of the prefix's last window whose SWA KV must be loaded back."""
 
     prefix_slots: torch.Tensor
     last_node: Node
+    host_nodes: tuple[Node, ...] = ()
+    swa_nodes: tuple[Node, ...] = ()
 
     @property
     def length(self) -> int:
         return self.prefix_slots.numel()
+
+    @property
+    def last_host_node(self) -> Node:
+        return self.host_nodes[-1] if self.host_nodes else self.last_node
+
+    @property
+    def host_hit_length(self) -> int:
+        """Full KV tokens to load back from host."""
+        return sum(len(n) for n in self.host_nodes)
+
+    @property
+    def swa_host_hit_length(self) -> int:
+        """SWA KV tokens of the last window to load back from host."""
+        return sum(len(n) for n in self.swa_nodes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,23 +64,7 @@ class LockHandle:
     swa_start: int
 
 
-@dataclass(frozen=True, slots=True)
-class EvictParams:
-    """Tokens to free in each pool."""
-
-    full: int = 0
-    swa: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class EvictResult:
-    """Tokens freed in each pool (removing a node frees both)."""
-
-    full: int
-    swa: int
-
-
-class RadixTree:
+class RadixTree(EvictionMixin, HostMixin):
     """Prefix cache over a :class:`SWAAllocator`.
 
     Args:
@@ -70,6 +73,7 @@ class RadixTree:
         window: sliding window in tokens, or ``None`` for a model without SWA layers.
         swa_eviction: ``"window"`` keeps each cached branch's last window whole as long as
             anything of the branch is cached; ``"lru"`` tombstones in plain LRU order.
+        host: the host tier (pools and write policy), or ``None`` for device only.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class RadixTree:
         page_size: int,
         window: int | None,
         swa_eviction: str = "window",
+        host: HostTier | None = None,
     ) -> None:
         if swa_eviction not in SWA_EVICTION_POLICIES:
             raise ValueError(f"swa_eviction must be one of {SWA_EVICTION_POLICIES}")
@@ -85,6 +90,7 @@ class RadixTree:
         self.page_size = page_size
         self.window = window
         self.swa_eviction = swa_eviction
+        self.host = host
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._uids = itertools.count()
         self.root = Node(
@@ -95,6 +101,9 @@ class RadixTree:
         self.cached_swa = 0  # tokens with device SWA KV
         self.evictable_full = 0  # of those, in nodes without a full lock
         self.evictable_swa = 0  # of those, in nodes without an SWA lock
+        self.host_cached_full = 0  # tokens with host full KV
+        self.host_cached_swa = 0  # tokens with host SWA KV
+        self.backed_up_tokens = 0  # counter: tokens copied to host
         self._clock = 0
 
     # ---------------------------------------------------------------- match
@@ -102,29 +111,47 @@ class RadixTree:
     def match_prefix(self, tokens: list[int], max_len: int | None = None) -> MatchResult:
         """Longest cached prefix of ``tokens[:max_len]`` usable by every layer kind.
 
-        Splits the node the match ends in, so ``last_node`` ends exactly at the prefix.
-        Updates LRU order of the matched nodes. Frees nothing, locks nothing.
+        Walks through host-only nodes too: their KV (and the window's SWA KV that is only on
+        host) is reported for load back. Splits the node the match ends in, so it ends
+        exactly at the prefix. Updates LRU order and hit counts; under
+        ``write_through_selective`` backs up what is hit a second time. Locks nothing.
         """
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
         limit -= limit % self.page_size
         nodes = self._walk(tokens, limit)
+        swa_nodes: list[Node] = []
         if self.window is not None:
             nodes = nodes[: self._swa_usable(nodes)]
+            if nodes:
+                start = max(0, nodes[-1].end - self.window)
+                start -= start % self.page_size
+                swa_nodes = [n for n in nodes if n.end > start and not n.swa]
         self._clock += 1
         for node in nodes:
             node.last_access = self._clock
             node.hit_count += 1
-        last = nodes[-1] if nodes else self.root
-        slots = torch.cat([n.full for n in nodes]) if nodes else self.root.full
-        return MatchResult(slots, last)
+        on_device = 0
+        while on_device < len(nodes) and nodes[on_device].on_device:
+            on_device += 1
+        device, host = nodes[:on_device], nodes[on_device:]
+        if self.host is not None and self.host.write_policy == "write_through_selective":
+            self._backup([n for n in device if n.hit_count >= 2][-1:])
+        last = device[-1] if device else self.root
+        slots = torch.cat([n.full for n in device]) if device else self.root.full
+        return MatchResult(slots, last, tuple(host), tuple(swa_nodes))
+
+    def prefix_slots(self, node: Node) -> torch.Tensor:
+        """Device full slots of the whole path to ``node`` (every node on it on device)."""
+        path = node.path()
+        return torch.cat([n.full for n in reversed(path)]) if path else self.root.full
 
     def _walk(self, tokens: list[int], limit: int) -> list[Node]:
-        """Nodes with device KV along ``tokens[:limit]``, the last one split to end there."""
+        """Nodes with KV (device or host) along ``tokens[:limit]``, the last split to end there."""
         nodes: list[Node] = []
         node, pos, ps = self.root, 0, self.page_size
         while pos < limit:
             child = node.children.get(tuple(tokens[pos : pos + ps]))
-            if child is None or child.full is None:
+            if child is None:
                 break
             m = self._common_len(child.key, tokens, pos, limit)
             if m < len(child):
@@ -138,7 +165,7 @@ class RadixTree:
         """How many of ``nodes`` form the longest prefix whose last window has SWA KV."""
         usable, run_start = 0, 0
         for i, node in enumerate(nodes):
-            if not node.swa:
+            if not node.swa and node.host_swa is None:
                 run_start = node.end
             elif run_start == 0 or node.end - run_start >= self.window:
                 usable = i + 1
@@ -174,8 +201,11 @@ class RadixTree:
             parent=node.parent,
             full=None if node.full is None else node.full[:k],
             swa=node.swa,
+            host_full=None if node.host_full is None else node.host_full[:k],
+            host_swa=None if node.host_swa is None else node.host_swa[:k],
             full_lock=node.full_lock,
             swa_lock=node.swa_lock,
+            host_lock=node.host_lock,
             last_access=node.last_access,
             hit_count=node.hit_count,
         )
@@ -183,6 +213,8 @@ class RadixTree:
         node.parent.children[tuple(node.key[:ps])] = upper
         node.key = node.key[k:]
         node.full = None if node.full is None else node.full[k:]
+        node.host_full = None if node.host_full is None else node.host_full[k:]
+        node.host_swa = None if node.host_swa is None else node.host_swa[k:]
         node.start += k
         node.parent = upper
         upper.children[tuple(node.key[:ps])] = node
@@ -190,11 +222,15 @@ class RadixTree:
 
     # ---------------------------------------------------------------- locks
 
-    def inc_lock(self, node: Node) -> LockHandle:
-        """Pin the full KV of the path to ``node`` and the SWA KV of its last window."""
+    def inc_lock(self, node: Node, window_end: int | None = None) -> LockHandle:
+        """Pin the full KV of the path to ``node`` and the SWA KV of the last window before
+        ``window_end`` (default: the node's end; later when the rest of the prefix is still
+        to be loaded back from host). A tombstone in that window is pinned too: it is about
+        to get its SWA KV back, and must keep it."""
         swa_start = node.end
         if self.window is not None and node is not self.root:
-            swa_start = max(0, node.end - self.window)
+            end = node.end if window_end is None else window_end
+            swa_start = max(0, end - self.window)
             swa_start -= swa_start % self.page_size
             self._split_at(node, swa_start)
         for n in node.path():
@@ -202,8 +238,7 @@ class RadixTree:
                 self.evictable_full -= len(n)
             n.full_lock += 1
             if n.start >= swa_start:
-                assert n.swa, "locking a tombstone"
-                if n.swa_lock == 0:
+                if n.swa_lock == 0 and n.swa:
                     self.evictable_swa -= len(n)
                 n.swa_lock += 1
         return LockHandle(node, swa_start)
@@ -216,7 +251,7 @@ class RadixTree:
                 self.evictable_full += len(n)
             if n.start >= handle.swa_start:
                 n.swa_lock -= 1
-                if n.swa_lock == 0:
+                if n.swa_lock == 0 and n.swa:
                     self.evictable_swa += len(n)
             assert n.full_lock >= 0 and n.swa_lock >= 0, "unlocking an unlocked node"
 
@@ -260,8 +295,15 @@ class RadixTree:
             if m < len(child):
                 child = self._split(child, m)
             lo = max(pos, own_from)
-            if lo < child.end:
-                assert child.full is not None, "host-only nodes arrive with the host tier"
+            if lo < child.end and not child.on_device:
+                # A host-only copy of these tokens: the caller's slots become its device copy.
+                assert lo == child.start, "a host-only node inside the caller's locked prefix"
+                if windowed and child.start < swa_from < child.end:
+                    upper = self._split(child, swa_from - child.start)
+                    self._adopt_full(upper, slots, swa=False)
+                    path.append(upper.full)
+                self._adopt_full(child, slots, swa=windowed and child.start >= swa_from)
+            elif lo < child.end:
                 adopt_from = max(lo, swa_from)
                 if windowed and not child.swa and adopt_from < child.end:
                     if adopt_from > child.start:
@@ -279,7 +321,19 @@ class RadixTree:
             node, pos = child, child.end
         if dups:
             self.allocator.free(torch.cat(dups))
+        if self.host is not None and self.host.write_policy == "write_through":
+            self._backup([node])
         return node, torch.cat(path)
+
+    def _adopt_full(self, node: Node, slots: torch.Tensor, swa: bool) -> None:
+        """Give a host-only node the caller's device slots of its tokens."""
+        node.full = slots[node.start : node.end]
+        node.swa = swa
+        self.cached_full += len(node)
+        self.evictable_full += len(node) if node.full_lock == 0 else 0
+        if swa:
+            self.cached_swa += len(node)
+            self.evictable_swa += len(node) if node.swa_lock == 0 else 0
 
     def _add_path(
         self, parent: Node, tokens: list[int], slots: torch.Tensor, pos: int, swa_from: int
@@ -305,129 +359,11 @@ class RadixTree:
             parent = child
         return parent
 
-    # ---------------------------------------------------------------- evict
-
-    def evict(self, params: EvictParams) -> EvictResult:
-        """Free at least ``params.full`` / ``params.swa`` tokens if that many are evictable.
-
-        Full eviction removes unlocked leaves in LRU order, cascading to parents that
-        become leaves. SWA eviction tombstones internal nodes and removes leaves; under the
-        ``"window"`` policy it first takes only SWA KV outside every branch's last window.
-        All victims are freed with one call per pool.
-        """
-        removed: list[torch.Tensor] = []
-        tombstoned: list[torch.Tensor] = []
-        freed = self._evict_leaves(params.full, removed)
-        full, swa = freed.full, freed.swa
-        if self.window is not None and swa < params.swa:
-            if self.swa_eviction == "window":
-                swa += self._tombstone_unprotected(params.swa - swa, tombstoned)
-            if swa < params.swa:
-                more = self._evict_lru_swa(params.swa - swa, removed, tombstoned)
-                full, swa = full + more.full, swa + more.swa
-        if tombstoned:
-            self.allocator.free_swa(torch.cat(tombstoned))
-        if removed:
-            self.allocator.free(torch.cat(removed))
-        return EvictResult(full, swa)
-
-    def _evict_leaves(self, target: int, removed: list[torch.Tensor]) -> EvictResult:
-        """Remove unlocked leaves, least recently used first, until ``target`` full tokens."""
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._removable(n)]
-        heapq.heapify(heap)
-        full = swa = 0
-        while heap and full < target:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            full_n, swa_n = self._remove(node, removed)
-            full, swa = full + full_n, swa + swa_n
-            if parent is not None and self._removable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
-        return EvictResult(full, swa)
-
-    def _evict_lru_swa(
-        self, target: int, removed: list[torch.Tensor], tombstoned: list[torch.Tensor]
-    ) -> EvictResult:
-        """Free ``target`` SWA tokens in LRU order: remove leaves, tombstone internal nodes."""
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if n.swa and n.swa_lock == 0]
-        heapq.heapify(heap)
-        full = swa = 0
-        while heap and swa < target:
-            _, _, node = heapq.heappop(heap)
-            if node.parent is None or not node.swa:
-                continue  # removed or tombstoned since it was queued
-            if self._removable(node):
-                parent = node.parent
-                full_n, swa_n = self._remove(node, removed)
-                full, swa = full + full_n, swa + swa_n
-                if parent.swa and parent.swa_lock == 0 and self._removable(parent):
-                    heapq.heappush(heap, (parent.last_access, parent.uid, parent))
-            else:
-                swa += self._tombstone(node, tombstoned)
-        return EvictResult(full, swa)
-
-    def _tombstone_unprotected(self, target: int, tombstoned: list[torch.Tensor]) -> int:
-        """Tombstone SWA KV outside every branch's last window, LRU first; tokens freed.
-
-        A branch ends at a leaf or a fork (where requests diverged, so where later ones
-        will end their match); its last ``window`` tokens are protected.
-        """
-        protected = self._protected_from()
-        victims = [
-            n for n in self._nodes() if n.swa and n.swa_lock == 0 and protected[id(n)] > n.start
-        ]
-        victims.sort(key=lambda n: (n.last_access, n.uid))
-        freed = 0
-        for node in victims:
-            if freed >= target:
-                break
-            if protected[id(node)] < node.end:
-                node = self._split(node, protected[id(node)] - node.start)
-            freed += self._tombstone(node, tombstoned)
-        return freed
-
-    def _protected_from(self) -> dict[int, int]:
-        """For each node (by id), the first position of it inside some branch's last window."""
-        nearest_end: dict[int, int] = {}
-        for node in reversed(self._nodes()):  # children before parents
-            if len(node.children) == 1:
-                (child,) = node.children.values()
-                nearest_end[id(node)] = nearest_end[id(child)]
-            else:
-                nearest_end[id(node)] = node.end
-        ps = self.page_size
-        out = {}
-        for key, end in nearest_end.items():
-            start = max(0, end - self.window)
-            out[key] = start - start % ps
-        return out
-
-    def _removable(self, node: Node) -> bool:
-        return node.parent is not None and node.is_leaf and node.full_lock == 0
-
-    def _remove(self, node: Node, removed: list[torch.Tensor]) -> tuple[int, int]:
-        """Detach a leaf; queue its slots for freeing. Returns (full, swa) tokens freed."""
-        assert node.parent is not None and node.is_leaf and node.full_lock == 0
+    def _detach(self, node: Node) -> None:
+        """Remove a node with no KV anywhere (and no children) from the tree."""
+        assert node.parent is not None and not node.children
         del node.parent.children[tuple(node.key[: self.page_size])]
         node.parent = None
-        n = len(node)
-        removed.append(node.full)
-        self.cached_full -= n
-        self.evictable_full -= n
-        if node.swa:
-            self.cached_swa -= n
-            self.evictable_swa -= n
-            return n, n
-        return n, 0
-
-    def _tombstone(self, node: Node, tombstoned: list[torch.Tensor]) -> int:
-        """Drop a node's SWA KV (queued for freeing); keep its full KV."""
-        assert node.swa and node.swa_lock == 0
-        node.swa = False
-        tombstoned.append(node.full)
-        self.cached_swa -= len(node)
-        self.evictable_swa -= len(node)
-        return len(node)
 
     def _nodes(self) -> list[Node]:
         """Every node but the root, parents before children."""
@@ -447,23 +383,34 @@ class RadixTree:
         return torch.cat(slots) if slots else self.root.full
 
     def check(self) -> None:
-        """Assert the tree's structure, counters and lock counts are consistent."""
+        """Assert the tree's structure, counters, lock counts and host invariants."""
         ps = self.page_size
-        cached_full = cached_swa = evictable_full = evictable_swa = 0
+        cached_full = cached_swa = evictable_full = evictable_swa = host_full = host_swa = 0
         swa_map = self.allocator.full_to_swa
         for node in self._nodes():
             parent = node.parent
             assert parent is not None and parent.children[tuple(node.key[:ps])] is node
             assert len(node) > 0 and len(node) % ps == 0 and node.start == parent.end
-            assert node.full is not None and node.full.numel() == len(node)
-            assert node.full_lock >= 0 and node.swa_lock >= 0
+            assert node.on_device or node.on_host, "a node with no KV anywhere"
+            assert node.full_lock >= 0 and node.swa_lock >= 0 and node.host_lock >= 0
             assert parent is self.root or parent.full_lock >= node.full_lock, "lock not on a path"
+            if node.on_host:
+                assert node.host_full.numel() == len(node)
+                assert parent is self.root or parent.on_host, "a backup whose parent has none"
+                host_full += len(node)
+            if node.host_swa is not None:
+                assert node.on_host and node.host_swa.numel() == len(node)
+                host_swa += len(node)
+            if not node.on_device:
+                assert not node.swa and node.full_lock == 0, "a locked or SWA host-only node"
+                continue
+            assert node.full.numel() == len(node)
+            assert parent is self.root or parent.on_device, "a device node under a host-only one"
             cached_full += len(node)
             evictable_full += len(node) if node.full_lock == 0 else 0
             if self.window is None:
-                assert not node.swa and node.swa_lock == 0
+                assert not node.swa and node.swa_lock == 0 and node.host_swa is None
                 continue
-            assert node.swa or node.swa_lock == 0, "an SWA-locked tombstone"
             mapped = swa_map[node.full] != 0
             assert bool(mapped.all()) if node.swa else not bool(mapped.any()), "SWA map mismatch"
             if node.swa:
@@ -473,3 +420,18 @@ class RadixTree:
         assert (evictable_full, evictable_swa) == (self.evictable_full, self.evictable_swa), (
             "evictable counters"
         )
+        assert (host_full, host_swa) == (self.host_cached_full, self.host_cached_swa), "host"
+        if self.host is not None:
+            self._check_host_pages()
+
+    def _check_host_pages(self) -> None:
+        """Every host page is free or held by exactly one node."""
+        ps = self.page_size
+        pools = [(self.host.full, [n.host_full for n in self._nodes() if n.on_host])]
+        if self.host.swa is not None:
+            swa = [n.host_swa for n in self._nodes() if n.host_swa is not None]
+            pools.append((self.host.swa, swa))
+        for pool, held in pools:
+            pages = [pool.allocator.free_pages_view()] + [s[::ps] // ps for s in held]
+            count = torch.bincount(torch.cat(pages), minlength=pool.allocator.num_pages)
+            assert int(count[0]) == 0 and bool((count[1:] == 1).all()), "host pages lost or shared"

@@ -1,0 +1,249 @@
+"""The host tier (L2) of the radix tree: backup, load back and host eviction.
+
+Host values mirror device values by pages in pinned host pools. Backed-up nodes form a
+rooted subtree (a node's parent is backed up before it), so walking a prefix never meets
+a hole. Copies run on a side CUDA stream; the main stream waits for them before anything
+can overwrite a copied page or read a loaded one. On CPU they run synchronously.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridkv.allocator import HostPool, KVPool
+from hybridkv.tree.node import Node
+
+WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
+
+
+class Transfers:
+    """Orders host<->device copies on a side stream against the engine's stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._event: torch.cuda.Event | None = None
+
+    @contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Run the block's copies after everything already queued, on the side stream."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> None:
+        """Make the engine's stream wait for every copy issued so far."""
+        if self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+
+    def flush(self) -> None:
+        """Block the host until every copy issued so far has landed."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+@dataclass
+class HostTier:
+    """The host pools mirroring the device KV pools, and the write policy."""
+
+    kv: KVPool
+    full: HostPool
+    swa: HostPool | None
+    write_policy: str
+    transfers: Transfers = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}")
+        self.transfers = Transfers(self.kv.full_buf.device)
+
+
+def _pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The pages of whole-page ``slots``."""
+    return slots[::page_size] // page_size
+
+
+def _slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    return (pages[:, None] * page_size + torch.arange(page_size, device=pages.device)).flatten()
+
+
+class HostMixin:
+    """Host-tier operations; part of :class:`RadixTree` (uses its state and helpers)."""
+
+    def _backup(self, nodes: list[Node]) -> int:
+        """Copy the device KV of ``nodes`` and of their un-backed ancestors to host.
+
+        Parents go first (SGLang PR 25065 skipped a child whose parent had no host copy,
+        and dropped it at eviction). Stops at the first node the host pool cannot take
+        even after host eviction, which keeps the backed-up set rooted. One copy per pool.
+        Returns the tokens backed up.
+        """
+        host, ps = self.host, self.page_size
+        if host is None:
+            return 0
+        todo: list[Node] = []
+        seen: set[int] = set()
+        for node in nodes:
+            for n in reversed(node.path()):
+                if not n.on_host and n.uid not in seen:
+                    seen.add(n.uid)
+                    todo.append(n)
+        if not todo:
+            return 0
+        # NOTE: host eviction below must not take the backed-up ancestors we build on.
+        pinned = [n for node in nodes for n in node.path()]
+        for n in pinned:
+            n.host_lock += 1
+        need = sum(len(n) for n in todo)
+        need_swa = sum(len(n) for n in todo if n.swa)
+        self.evict_host(need - host.full.available, need_swa - self._host_swa_available())
+        for n in pinned:
+            n.host_lock -= 1
+        fits, full_left, swa_left = [], host.full.available, self._host_swa_available()
+        for n in todo:
+            swa_n = len(n) if n.swa else 0
+            if len(n) > full_left or swa_n > swa_left:
+                break
+            fits.append(n)
+            full_left, swa_left = full_left - len(n), swa_left - swa_n
+        if not fits:
+            return 0
+        with host.transfers.side_stream():
+            dev_pages = torch.cat([_pages(n.full, ps) for n in fits])
+            host_pages = host.full.backup(host.kv.page_view(False), dev_pages)
+            assert host_pages is not None
+            with_swa = [n for n in fits if n.swa]
+            swa_pages = None
+            if with_swa:
+                dev_swa = torch.cat(
+                    [_pages(self.allocator.translate(n.full), ps) for n in with_swa]
+                )
+                swa_pages = host.swa.backup(host.kv.page_view(True), dev_swa)
+                assert swa_pages is not None
+        offset = swa_offset = 0
+        for n in fits:
+            k = len(n) // ps
+            n.host_full = _slots(host_pages[offset : offset + k], ps)
+            offset += k
+            if n.swa:
+                n.host_swa = _slots(swa_pages[swa_offset : swa_offset + k], ps)
+                swa_offset += k
+                self.host_cached_swa += len(n)
+            self.host_cached_full += len(n)
+        tokens = sum(len(n) for n in fits)
+        self.backed_up_tokens += tokens
+        return tokens
+
+    def load_back(self, ends: list[Node]) -> int:
+        """Copy what the prefixes ending at ``ends`` lack on device back from host: the full
+        KV of host-only nodes, and the SWA KV of each prefix's last window. One page copy per
+        pool; the map is rebuilt for the loaded SWA.
+
+        The caller made room on the device (admission counted it). Returns tokens loaded.
+        """
+        host, ps, alloc = self.host, self.page_size, self.allocator
+        assert host is not None
+        full_nodes: dict[int, Node] = {}
+        swa_nodes: dict[int, Node] = {}
+        for end in ends:
+            start = 0 if self.window is None else max(0, end.end - self.window)
+            for n in reversed(end.path()):
+                if not n.on_device:
+                    full_nodes[n.uid] = n
+                if self.window is not None and n.end > start - start % ps and not n.swa:
+                    swa_nodes[n.uid] = n
+        full_nodes, swa_nodes = list(full_nodes.values()), list(swa_nodes.values())
+        n_full = sum(len(n) for n in full_nodes) // ps
+        n_swa = sum(len(n) for n in swa_nodes) // ps
+        dev_pages = alloc.full.alloc_pages(n_full)
+        swa_pages = alloc.swa.alloc_pages(n_swa)
+        assert dev_pages is not None and swa_pages is not None, "load back without room"
+        with host.transfers.side_stream():
+            if n_full:
+                host_pages = torch.cat([_pages(n.host_full, ps) for n in full_nodes])
+                host.full.load(host.kv.page_view(False), host_pages, dev_pages)
+            if n_swa:
+                host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes])
+                host.swa.load(host.kv.page_view(True), host_swa, swa_pages)
+        offset = 0
+        for n in full_nodes:
+            k = len(n) // ps
+            n.full = _slots(dev_pages[offset : offset + k], ps)
+            offset += k
+            self.cached_full += len(n)
+            self.evictable_full += len(n) if n.full_lock == 0 else 0
+        offset = 0
+        for n in swa_nodes:
+            k = len(n) // ps
+            alloc.full_to_swa[n.full] = _slots(swa_pages[offset : offset + k], ps)
+            offset += k
+            n.swa = True
+            self.cached_swa += len(n)
+            self.evictable_swa += len(n) if n.swa_lock == 0 else 0
+        return n_full * ps
+
+    def evict_host(self, full: int, swa: int = 0) -> int:
+        """Free at least ``full`` host tokens (and ``swa`` host SWA tokens) if evictable.
+
+        Host leaves go first, least recently used first; never a locked node or one whose
+        host copy is pinned (in flight, or about to be loaded back). A node left with no KV
+        anywhere leaves the tree. Returns host full tokens freed.
+        """
+        host, ps = self.host, self.page_size
+        if host is None or (full <= 0 and swa <= 0):
+            return 0
+        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._host_evictable(n)]
+        heapq.heapify(heap)
+        freed = freed_swa = 0
+        full_pages, swa_pages = [], []
+        while heap and (freed < full or freed_swa < swa):
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            full_pages.append(_pages(node.host_full, ps))
+            freed += len(node)
+            self.host_cached_full -= len(node)
+            if node.host_swa is not None:
+                swa_pages.append(_pages(node.host_swa, ps))
+                freed_swa += len(node)
+                self.host_cached_swa -= len(node)
+            node.host_full = node.host_swa = None
+            if not node.on_device:
+                self._detach(node)
+            if parent is not None and self._host_evictable(parent):
+                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
+        if full_pages:
+            host.full.free(torch.cat(full_pages))
+        if swa_pages:
+            host.swa.free(torch.cat(swa_pages))
+        return freed
+
+    def pin_host(self, match: object, delta: int) -> None:
+        """Pin (``+1``) or unpin (``-1``) the host copies a match will load back.
+
+        Walks the path by position, not the match's node list: a node split in between (by
+        another request's match) leaves both halves pinned, and both are on the path.
+        """
+        start = match.length
+        if match.swa_nodes:
+            start = min(start, match.swa_nodes[0].start)
+        for node in match.last_host_node.path():
+            if node.end <= start:
+                break
+            node.host_lock += delta
+
+    def _host_evictable(self, node: Node) -> bool:
+        if node.parent is None or not node.on_host or node.full_lock or node.host_lock:
+            return False
+        return not any(c.on_host for c in node.children.values())
+
+    def _host_swa_available(self) -> int:
+        return self.host.swa.available if self.host.swa is not None else 0
