@@ -67,8 +67,8 @@ class CacheConfig:
             raise ValueError(f"host_tokens must be a non-negative int, got {self.host_tokens!r}")
         if 0 < self.host_tokens < 2 * self.page_size:
             raise ValueError("host_tokens must be 0 (no host tier) or hold at least two pages")
-        if self.storage is not None:
-            raise ValueError("storage: the storage tier is not supported yet")
+        if self.storage is not None and not self.host_tokens:
+            raise ValueError("storage needs the host tier (host_tokens > 0): pages pass through it")
         if self.write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}")
         if self.swa_eviction not in SWA_EVICTION_POLICIES:

@@ -20,7 +20,9 @@ from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import NO_LOAD, Cost, cost, decode_reserve, swa_steady
 from hybridkv.scheduler.plan import PageTable, Request, ScheduledReq, StepPlan
+from hybridkv.scheduler.tp import TPSync
 from hybridkv.tree import EvictParams, HostTier, LockHandle, MatchResult, RadixTree
+from hybridkv.tree.storage import FileStorage
 
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
@@ -82,8 +84,7 @@ class MemoryManager:
     def __init__(self, config: CacheConfig, tp_group: object | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise ValueError("config must be a CacheConfig")
-        if tp_group is not None:
-            raise ValueError("tp_group: tensor parallelism is not supported yet")
+        self.tp = TPSync(tp_group)
         self.config = config
         cfg = config
         self.device = torch.device(cfg.device)
@@ -136,7 +137,18 @@ class MemoryManager:
         if cfg.has_swa:
             chunks = 2 * len(cfg.swa_layer_ids)
             swa = HostPool(cfg.host_swa_tokens, cfg.page_size, chunks, page_elems, cfg.dtype)
-        return HostTier(self.kv, full, swa, cfg.write_policy)
+        storage = None
+        if cfg.storage is not None:
+            signature = {
+                "page_size": cfg.page_size,
+                "full_layers": len(cfg.full_layer_ids),
+                "swa_layers": len(cfg.swa_layer_ids),
+                "num_kv_heads": cfg.num_kv_heads,
+                "head_dim": cfg.head_dim,
+                "dtype": str(cfg.dtype),
+            }
+            storage = FileStorage(cfg.storage, signature)
+        return HostTier(self.kv, full, swa, cfg.write_policy, storage)
 
     # ---------------------------------------------------------------- requests
 
@@ -297,7 +309,7 @@ class MemoryManager:
                 break
             if admitted and not admitted[-1].completes:
                 break  # a partial chunk took what was left
-            match = self.tree.match_prefix(req.fill_ids, len(req.fill_ids) - 1)
+            match = self._match(req)
             lock = self.tree.inc_lock(match.last_node, match.last_host_node.end)
             self.tree.pin_host(match, +1)
             load = Cost(match.host_hit_length, match.swa_host_hit_length)
@@ -378,6 +390,24 @@ class MemoryManager:
                 )
             )
         return self._plan(sreqs, out, rows, prefix_dev, seq_lens.to(self.device))
+
+    def _match(self, req: _Req) -> MatchResult:
+        """Prefetch from storage, then match: the same result on every TP rank.
+
+        Every rank makes the same collective calls whatever its local state: one MIN
+        reduction for the prefetch, one for the match lengths; a rank that matched more than
+        another (its trees drifted) re-matches to the common length.
+        """
+        limit = len(req.fill_ids) - 1
+        self.counters["storage_hit_tokens"] += self.tree.prefetch(
+            req.fill_ids, limit, self.tp.reduce_min
+        )
+        match = self.tree.match_prefix(req.fill_ids, limit)
+        local = [match.length, match.host_hit_length, match.swa_host_hit_length]
+        common = self.tp.reduce_min(local)
+        if common != local:
+            match = self.tree.match_prefix(req.fill_ids, common[0] + common[1])
+        return match
 
     def _take_prefixes(self, new: list[_Admitted]) -> list[torch.Tensor]:
         """Load the new requests' host hits back (one call per pool), move each lock to the end

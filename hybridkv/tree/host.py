@@ -9,7 +9,7 @@ can overwrite a copied page or read a loaded one. On CPU they run synchronously.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,6 +17,7 @@ import torch
 
 from hybridkv.allocator import HostPool, KVPool
 from hybridkv.tree.node import Node
+from hybridkv.tree.storage import FileStorage
 
 WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
 
@@ -53,12 +54,15 @@ class Transfers:
 
 @dataclass
 class HostTier:
-    """The host pools mirroring the device KV pools, and the write policy."""
+    """The host pools mirroring the device KV pools, the write policy, and the storage
+    tier (L3) behind them: pages are written there after their host backup and prefetched
+    from there into host memory."""
 
     kv: KVPool
     full: HostPool
     swa: HostPool | None
     write_policy: str
+    storage: FileStorage | None = None
     transfers: Transfers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,7 +145,126 @@ class HostMixin:
             self.host_cached_full += len(n)
         tokens = sum(len(n) for n in fits)
         self.backed_up_tokens += tokens
+        if host.storage is not None:
+            self._write_storage(fits)
         return tokens
+
+    def _write_storage(self, nodes: list[Node]) -> None:
+        """Write freshly backed-up nodes' host pages to storage (after their copy lands)."""
+        host, ps = self.host, self.page_size
+        host.transfers.flush()
+        for node in nodes:
+            keys = host.storage.keys(self.path_tokens(node), ps)[node.start // ps :]
+            full = host.full.buf[_pages(node.host_full, ps)]
+            swa = None
+            if node.host_swa is not None:
+                swa = host.swa.buf[_pages(node.host_swa, ps)]
+            host.storage.write(keys, full, swa)
+
+    def prefetch(
+        self, tokens: list[int], limit: int, reduce_min: Callable[[list[int]], list[int]]
+    ) -> int:
+        """Read the pages of ``tokens[:limit]`` that storage holds beyond the tree into host
+        memory, as host-only nodes a match then loads back. Returns the tokens prefetched.
+
+        ``reduce_min`` reduces across TP ranks: how many pages to read, then whether all of
+        them arrived. The window's SWA pages are all or nothing (SGLang PR 27264): unless
+        every page and the window's SWA arrived on every rank, the whole prefetch is released.
+        """
+        host, ps = self.host, self.page_size
+        if host is None or host.storage is None:
+            return 0
+        limit -= limit % ps
+        nodes = self._walk(tokens, limit)
+        parent = nodes[-1] if nodes else self.root
+        keys = host.storage.keys(tokens[:limit], ps)[parent.end // ps :]
+        (count,) = reduce_min([host.storage.contains(keys)])
+        if count == 0:
+            return 0
+        start, end = parent.end, parent.end + count * ps
+        window_start = end
+        if self.window is not None:
+            window_start = max(start, end - self.window)
+            window_start -= window_start % ps
+        full_pages, swa_pages = self._host_room(parent, count, (end - window_start) // ps)
+        full_buf = torch.empty(count, *host.full.buf.shape[1:], dtype=host.full.buf.dtype)
+        swa_buf = (
+            None
+            if host.swa is None
+            else torch.empty(count, *host.swa.buf.shape[1:], dtype=host.swa.buf.dtype)
+        )
+        read, has_swa = host.storage.read(keys[:count], full_buf, swa_buf)
+        first_window_page = (window_start - start) // ps
+        arrived = int(read == count and all(has_swa[first_window_page:read]))
+        if full_pages is None or swa_pages is None:
+            arrived = 0
+        (arrived,) = reduce_min([arrived])
+        if not arrived:
+            if full_pages is not None:
+                host.full.free(full_pages)
+            if swa_pages is not None and swa_pages.numel():
+                host.swa.free(swa_pages)
+            return 0
+        host.full.buf[full_pages] = full_buf
+        if swa_pages.numel():
+            host.swa.buf[swa_pages] = swa_buf[first_window_page:]
+        self._add_host_path(parent, tokens, start, window_start, end, full_pages, swa_pages)
+        return count * ps
+
+    def _host_room(
+        self, parent: Node, full_pages: int, swa_pages: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Host pages for a prefetch under ``parent`` (backed up first, so the backed-up set
+        stays rooted); ``None`` where a pool is short even after host eviction."""
+        host, ps = self.host, self.page_size
+        self._backup([parent])
+        if parent is not self.root and not parent.on_host:
+            return None, None
+        pinned = parent.path()
+        for n in pinned:
+            n.host_lock += 1
+        self.evict_host(
+            full_pages * ps - host.full.available, swa_pages * ps - self._host_swa_available()
+        )
+        for n in pinned:
+            n.host_lock -= 1
+        full = host.full.allocator.alloc_pages(full_pages)
+        if host.swa is None:
+            return full, torch.empty(0, dtype=torch.int64)
+        return full, host.swa.allocator.alloc_pages(swa_pages)
+
+    def _add_host_path(
+        self,
+        parent: Node,
+        tokens: list[int],
+        start: int,
+        window_start: int,
+        end: int,
+        full_pages: torch.Tensor,
+        swa_pages: torch.Tensor,
+    ) -> None:
+        """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window."""
+        ps = self.page_size
+        self._clock += 1
+        for a, b in ((start, window_start), (window_start, end)):
+            if a == b:
+                continue
+            node = Node(
+                uid=next(self._uids),
+                key=tokens[a:b],
+                start=a,
+                parent=parent,
+                full=None,
+                swa=False,
+                host_full=_slots(full_pages[(a - start) // ps : (b - start) // ps], ps),
+                last_access=self._clock,
+            )
+            if a == window_start and self.window is not None:
+                node.host_swa = _slots(swa_pages, ps)
+                self.host_cached_swa += b - a
+            parent.children[tuple(tokens[a : a + ps])] = node
+            self.host_cached_full += b - a
+            parent = node
 
     def load_back(self, ends: list[Node]) -> int:
         """Copy what the prefixes ending at ``ends`` lack on device back from host: the full

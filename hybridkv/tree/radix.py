@@ -140,6 +140,10 @@ class RadixTree(EvictionMixin, HostMixin):
         slots = torch.cat([n.full for n in device]) if device else self.root.full
         return MatchResult(slots, last, tuple(host), tuple(swa_nodes))
 
+    def path_tokens(self, node: Node) -> list[int]:
+        """The token ids of the whole path to ``node``."""
+        return [t for n in reversed(node.path()) for t in n.key]
+
     def prefix_slots(self, node: Node) -> torch.Tensor:
         """Device full slots of the whole path to ``node`` (every node on it on device)."""
         path = node.path()
