@@ -48,14 +48,17 @@ class CacheConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "swa_layer_ids", tuple(self.swa_layer_ids))
-        object.__setattr__(self, "mamba_layer_ids", tuple(self.mamba_layer_ids))
-        object.__setattr__(self, "state_shape", tuple(self.state_shape))
-        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size"):
+        for name in ("swa_layer_ids", "mamba_layer_ids", "state_shape"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(_is_int(i) for i in _iterable(name, value)):
+                raise ValueError(f"{name} must be a sequence of ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "full_tokens"):
             _positive(name, getattr(self, name))
         for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests"):
             _positive(name, getattr(self, name))
-        _positive("max_context_len", self.max_context_len)
+        for name in ("max_context_len", "swa_tokens", "sliding_window"):
+            _positive(name, getattr(self, name))
         ids = self.swa_layer_ids + self.mamba_layer_ids
         if any(not 0 <= i < self.num_layers for i in ids) or len(set(ids)) != len(ids):
             raise ValueError(
@@ -63,7 +66,7 @@ class CacheConfig:
             )
         if self.mamba_layer_ids or self.state_slots:
             raise ValueError("mamba_layer_ids: recurrent state is not supported yet")
-        if not isinstance(self.host_tokens, int) or self.host_tokens < 0:
+        if not _is_int(self.host_tokens) or self.host_tokens < 0:
             raise ValueError(f"host_tokens must be a non-negative int, got {self.host_tokens!r}")
         if 0 < self.host_tokens < 2 * self.page_size:
             raise ValueError("host_tokens must be 0 (no host tier) or hold at least two pages")
@@ -80,7 +83,6 @@ class CacheConfig:
         if self.full_tokens < 2 * self.page_size:
             raise ValueError("full_tokens must hold at least two pages")
         if self.has_swa:
-            _positive("sliding_window", self.sliding_window)
             if self.swa_tokens < self.min_swa_tokens:
                 raise ValueError(
                     f"swa_tokens must be at least {self.min_swa_tokens} "
@@ -92,6 +94,8 @@ class CacheConfig:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA device is available")
         if self.backend not in (None, "triton", "torch"):
             raise ValueError("backend must be 'triton', 'torch' or None")
         if self.backend == "triton" and device.type != "cuda" and not interpreter_on():
@@ -125,6 +129,17 @@ class CacheConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _iterable(name: str, value: object) -> list[object]:
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {value!r}") from None
+
+
 def _positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

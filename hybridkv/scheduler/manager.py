@@ -121,6 +121,7 @@ class MemoryManager:
         self._running: dict[str, _Req] = {}  # past their prefill (or on its last chunk)
         self._chunked: _Req | None = None
         self._pending: StepPlan | None = None
+        self._pending_reqs: list[_Req] = []  # the pending plan's requests, in its order
         self._arrivals = 0
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -221,6 +222,7 @@ class MemoryManager:
             self.tree.host.transfers.wait()
         plan = self._schedule_prefill() or self._schedule_decode()
         self._pending = plan
+        self._pending_reqs = [] if plan is None else [self._reqs[r.rid] for r in plan.reqs]
         return plan
 
     def commit(self, plan: StepPlan, next_token_ids: Sequence[int] | torch.Tensor) -> list[str]:
@@ -242,10 +244,9 @@ class MemoryManager:
             raise ValueError("next_token_ids must hold non-negative ints")
         finished = []
         with self.allocator.free_group():
-            for sreq, token in zip(plan.reqs, ids, strict=True):
-                req = self._reqs.get(sreq.rid)
-                if req is None:
-                    continue  # aborted after schedule
+            for sreq, req, token in zip(plan.reqs, self._pending_reqs, ids, strict=True):
+                if self._reqs.get(sreq.rid) is not req:
+                    continue  # aborted after schedule (its rid may be in use again)
                 req.kv_len += sreq.extend_len
                 self.counters["computed_tokens"] += sreq.extend_len
                 if not sreq.is_decode:
@@ -261,6 +262,7 @@ class MemoryManager:
                 del self._running[req.rid]
                 del self._reqs[req.rid]
         self._pending = None
+        self._pending_reqs = []
         return [req.rid for req in finished]
 
     # ---------------------------------------------------------------- prefill
@@ -271,10 +273,15 @@ class MemoryManager:
         return alloc.full_available + tree.evictable_full, alloc.swa_available + tree.evictable_swa
 
     def _swa_held(self, req: _Req) -> int:
-        """SWA tokens a running request holds (its own, not released)."""
+        """SWA tokens a request keeps alive: the window of its prefix its lock pins in the
+        tree, and (once running) its own SWA tokens not yet released. A new request's chunk
+        is charged only for what it adds to them."""
         if self.config.window is None:
             return 0
-        return req.alloc_len - max(req.cached_len, int(self.released_lens[req.row]))
+        pinned = max(0, req.lock.node.end - req.lock.swa_start)
+        if req.row < 0:
+            return pinned
+        return pinned + req.alloc_len - max(req.cached_len, int(self.released_lens[req.row]))
 
     def _running_reservation(self) -> Cost:
         """Full tokens held back for running decodes; SWA tokens they may still grow by."""
@@ -283,8 +290,21 @@ class MemoryManager:
         released = self.released_lens.tolist()
         for req in self._running.values():
             full += decode_reserve(req.remaining_new_tokens, self.new_token_ratio)
-            swa += max(0, steady - (req.alloc_len - released[req.row]))
+            own = req.alloc_len - max(req.cached_len, released[req.row])
+            swa += max(0, steady - own)
         return Cost(full, swa if self.config.has_swa else 0)
+
+    def _window_start(self, end: int) -> int:
+        """First position of the last window before ``end``, on a page boundary."""
+        start = max(0, end - (self.config.window or 0))
+        return start - start % self.config.page_size
+
+    def _decode_reserve(self, req: _Req, admitted: list[_Admitted]) -> int:
+        """The decode reservation of a request being admitted: none when nothing else runs
+        (a lone request always fits, and reserving for it could block it forever)."""
+        if not self._running and not any(a.req is not req for a in admitted):
+            return 0
+        return decode_reserve(req.remaining_new_tokens, self.new_token_ratio)
 
     def _schedule_prefill(self) -> StepPlan | None:
         if self._chunked is None and not self._waiting:
@@ -298,7 +318,7 @@ class MemoryManager:
             chunk = adder.admit(
                 *self._rooms(),
                 len(chunked.fill_ids) - chunked.kv_len,
-                decode_reserve(chunked.remaining_new_tokens, self.new_token_ratio),
+                self._decode_reserve(chunked, admitted),
                 held,
             )
             if chunk == 0:
@@ -310,22 +330,25 @@ class MemoryManager:
             if admitted and not admitted[-1].completes:
                 break  # a partial chunk took what was left
             match = self._match(req)
-            lock = self.tree.inc_lock(match.last_node, match.last_host_node.end)
+            lock = self.tree.inc_lock(match.last_node, self._window_start(match.last_host_node.end))
             self.tree.pin_host(match, +1)
             load = Cost(match.host_hit_length, match.swa_host_hit_length)
             prefix_len = match.length + match.host_hit_length
+            req.lock, req.kv_len = lock, prefix_len
+            held = self._swa_held(req)
             chunk = adder.admit(
                 *self._rooms(),
                 len(req.fill_ids) - prefix_len,
-                decode_reserve(req.remaining_new_tokens, self.new_token_ratio),
-                load=load,
+                self._decode_reserve(req, admitted),
+                held,
+                load,
             )
             if chunk == 0:
                 self.tree.pin_host(match, -1)
                 self.tree.dec_lock(lock)
+                req.lock, req.kv_len = None, 0
                 break
-            req.lock, req.kv_len = lock, prefix_len
-            admitted.append(_Admitted(req, chunk, 0, match, load))
+            admitted.append(_Admitted(req, chunk, held, match, load))
         if not admitted:
             return None
         for a in admitted:
@@ -536,6 +559,16 @@ class MemoryManager:
         self.released_lens[rows] = self.allocator.swa_release(
             self.req_to_token, rows, seq, self.released_lens[rows], self.config.window
         )
+        ps, reach = self.config.page_size, max(self.config.window, self.config.page_size)
+        for req in reqs:
+            lock = req.lock
+            frontier = max(0, req.kv_len - reach)
+            frontier -= frontier % ps
+            if lock.swa_start < min(frontier, lock.node.end):
+                # NOTE: the request's window slides over its cached prefix: stop pinning the
+                # prefix's SWA KV behind it (the tree may tombstone it), as its own is released.
+                req.lock = self.tree.inc_lock(lock.node, frontier)
+                self.tree.dec_lock(lock)
 
     def _retract(self, req: _Req) -> None:
         """Cache a running request's KV in the tree, free its slots and re-queue it first."""

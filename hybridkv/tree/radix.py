@@ -226,16 +226,18 @@ class RadixTree(EvictionMixin, HostMixin):
 
     # ---------------------------------------------------------------- locks
 
-    def inc_lock(self, node: Node, window_end: int | None = None) -> LockHandle:
-        """Pin the full KV of the path to ``node`` and the SWA KV of the last window before
-        ``window_end`` (default: the node's end; later when the rest of the prefix is still
-        to be loaded back from host). A tombstone in that window is pinned too: it is about
-        to get its SWA KV back, and must keep it."""
-        swa_start = node.end
-        if self.window is not None and node is not self.root:
-            end = node.end if window_end is None else window_end
-            swa_start = max(0, end - self.window)
-            swa_start -= swa_start % self.page_size
+    def inc_lock(self, node: Node, swa_start: int | None = None) -> LockHandle:
+        """Pin the full KV of the path to ``node`` and the SWA KV of its nodes from position
+        ``swa_start`` on (default: the node's last window; a request sliding past its prefix
+        pins less, one whose prefix is still to be loaded back pins the final window). A
+        tombstone in that range is pinned too: it is about to get its SWA KV back."""
+        if self.window is None or node is self.root:
+            swa_start = node.end
+        else:
+            if swa_start is None:
+                swa_start = max(0, node.end - self.window)
+                swa_start -= swa_start % self.page_size
+            swa_start = min(swa_start, node.end)
             self._split_at(node, swa_start)
         for n in node.path():
             if n.full_lock == 0:
