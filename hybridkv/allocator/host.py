@@ -17,9 +17,16 @@ class HostPool:
     """
 
     def __init__(
-        self, num_tokens: int, page_size: int, chunks: int, chunk_elems: int, dtype: torch.dtype
+        self,
+        num_tokens: int,
+        page_size: int,
+        chunks: int,
+        chunk_elems: int,
+        dtype: torch.dtype,
+        backend: str | None = None,
     ) -> None:
-        self.allocator = PagedAllocator(num_tokens, page_size, "cpu", backend=None)
+        self.allocator = PagedAllocator(num_tokens, page_size, "cpu", backend)
+        self.backend = backend
         self.page_size = page_size
         self.buf = torch.zeros(
             self.allocator.num_pages,
@@ -38,14 +45,26 @@ class HostPool:
         host_pages = self.allocator.alloc_pages(device_pages.numel())
         if host_pages is None:
             return None
-        kernels.page_copy(device_view, self.buf, device_pages, host_pages.to(device_pages.device))
+        kernels.page_copy(
+            device_view,
+            self.buf,
+            device_pages,
+            host_pages.to(device_pages.device),
+            backend=self.backend,
+        )
         return host_pages
 
     def load(
         self, device_view: torch.Tensor, host_pages: torch.Tensor, device_pages: torch.Tensor
     ) -> None:
         """Copy ``host_pages`` back into ``device_pages`` of ``device_view``."""
-        kernels.page_copy(self.buf, device_view, host_pages.to(device_pages.device), device_pages)
+        kernels.page_copy(
+            self.buf,
+            device_view,
+            host_pages.to(device_pages.device),
+            device_pages,
+            backend=self.backend,
+        )
 
     def free(self, host_pages: torch.Tensor) -> None:
         self.allocator.free_pages(host_pages)

@@ -131,13 +131,15 @@ class MemoryManager:
         if not cfg.host_tokens:
             return None
         page_elems = cfg.page_size * cfg.num_kv_heads * cfg.head_dim
+        full_chunks, swa_chunks = 2 * len(cfg.full_layer_ids), 2 * len(cfg.swa_layer_ids)
         full = HostPool(
-            cfg.host_tokens, cfg.page_size, 2 * len(cfg.full_layer_ids), page_elems, cfg.dtype
+            cfg.host_tokens, cfg.page_size, full_chunks, page_elems, cfg.dtype, cfg.backend
         )
         swa = None
         if cfg.has_swa:
-            chunks = 2 * len(cfg.swa_layer_ids)
-            swa = HostPool(cfg.host_swa_tokens, cfg.page_size, chunks, page_elems, cfg.dtype)
+            swa = HostPool(
+                cfg.host_swa_tokens, cfg.page_size, swa_chunks, page_elems, cfg.dtype, cfg.backend
+            )
         storage = None
         if cfg.storage is not None:
             signature = {

@@ -282,7 +282,7 @@ class HostMixin:
             for n in reversed(end.path()):
                 if not n.on_device:
                     full_nodes[n.uid] = n
-                if self.window is not None and n.end > start - start % ps and not n.swa:
+                if self.window is not None and n.start >= start - start % ps and not n.swa:
                     swa_nodes[n.uid] = n
         full_nodes, swa_nodes = list(full_nodes.values()), list(swa_nodes.values())
         n_full = sum(len(n) for n in full_nodes) // ps

@@ -125,7 +125,11 @@ class RadixTree(EvictionMixin, HostMixin):
             if nodes:
                 start = max(0, nodes[-1].end - self.window)
                 start -= start % self.page_size
-                swa_nodes = [n for n in nodes if n.end > start and not n.swa]
+                if any(n.end > start and not n.swa for n in nodes):
+                    # NOTE: split at the window start: only the window's SWA is loaded back.
+                    self._split_at(nodes[-1], start)
+                    nodes = list(reversed(nodes[-1].path()))
+                    swa_nodes = [n for n in nodes if n.start >= start and not n.swa]
         self._clock += 1
         for node in nodes:
             node.last_access = self._clock

@@ -1,0 +1,5 @@
+"""The workload simulator: ``python -m hybridkv.sim`` (see :mod:`hybridkv.sim.cli`).
+
+``engine`` drives a MemoryManager with a model-free engine, ``workloads`` and ``trace``
+make the requests, ``run`` replays them and measures, ``report`` prints the results.
+"""

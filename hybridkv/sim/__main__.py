@@ -1,0 +1,5 @@
+"""``python -m hybridkv.sim``: see :mod:`hybridkv.sim.cli`."""
+
+from hybridkv.sim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Text reports of simulator runs: one run in full, or several side by side; and a plot."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from hybridkv.scheduler import CacheConfig
+from hybridkv.sim.run import SimResult, bytes_per_token
+
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_ASCII = " .:-=+*#"
+TIERS = ("device", "host", "storage")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in [0, 100]); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, math.ceil(q / 100 * len(ranked)) - 1))]
+
+
+def sparkline(
+    values: Sequence[float],
+    width: int = 60,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    ascii_only: bool = False,
+) -> str:
+    """``values`` averaged into ``width`` buckets, each drawn as one of 8 levels of [lo, hi]."""
+    chars = SPARK_ASCII if ascii_only else SPARK
+    if not values:
+        return ""
+    n = min(width, len(values))
+    out = []
+    for b in range(n):
+        chunk = values[b * len(values) // n : (b + 1) * len(values) // n]
+        x = (sum(chunk) / len(chunk) - lo) / ((hi - lo) or 1)
+        out.append(chars[min(len(chars) - 1, max(0, int(x * len(chars))))])
+    return "".join(out)
+
+
+def summary(res: SimResult) -> dict[str, object]:
+    """The report's numbers as a flat dict (what tests and ``--compare`` read)."""
+    s = res.stats
+    prefill = res.prefill_tokens
+    full = [x.full_used for x in res.samples] or [0.0]
+    swa = [x.swa_used for x in res.samples] or [0.0]
+    moved = s.get("backed_up_tokens", 0) + s.get("loaded_tokens", 0)
+    out: dict[str, object] = {
+        "workload": res.workload,
+        "requests": res.requests,
+        "added": res.added,
+        "finished": res.finished,
+        "steps": res.steps,
+        "wall_s": res.wall_s,
+        "prompt_tokens": res.prompt_tokens,
+        "prefill_tokens": prefill,
+        "output_tokens": res.output_tokens,
+        "served_tokens": res.prompt_tokens + res.output_tokens,
+        "computed_tokens": s.get("computed_tokens", 0),
+    }
+    for tier in TIERS:
+        out[f"{tier}_hit_rate"] = s.get(f"{tier}_hit_tokens", 0) / prefill if prefill else 0.0
+    out["hit_rate"] = sum(out[f"{t}_hit_rate"] for t in TIERS)  # type: ignore[misc]
+    out |= {
+        "overhead_median_us": statistics.median(res.overhead_us) if res.overhead_us else 0.0,
+        "overhead_p99_us": percentile(res.overhead_us, 99),
+        "full_used_min": min(full),
+        "full_used_mean": sum(full) / len(full),
+        "full_used_max": max(full),
+        "swa_used_min": min(swa),
+        "swa_used_mean": sum(swa) / len(swa),
+        "swa_used_max": max(swa),
+        "evicted_full_tokens": s.get("evicted_full_tokens", 0),
+        "evicted_swa_tokens": s.get("evicted_swa_tokens", 0),
+        "retractions": s.get("retracted_requests", 0),
+        "bytes_moved": moved * bytes_per_token(res.config),
+        "ooms": res.count("oom"),
+        "errors": len(res.errors),
+        "truncated": res.truncated,
+    }
+    return out
+
+
+def describe(cfg: CacheConfig) -> str:
+    """One line on the model shape and pools of ``cfg``."""
+    full, swa = len(cfg.full_layer_ids), len(cfg.swa_layer_ids)
+    layers = f"{cfg.num_layers} layers ({full} full, {swa} SWA, window {cfg.sliding_window})"
+    if not swa:
+        layers = f"{cfg.num_layers} full-attention layers"
+    host = f"host {cfg.host_tokens} tokens, {cfg.write_policy}" if cfg.host_tokens else "host off"
+    pools = f"full pool {cfg.full_tokens}" + (f", SWA pool {cfg.swa_tokens}" if swa else "")
+    dtype = str(cfg.dtype).removeprefix("torch.")
+    return (
+        f"{layers}, page {cfg.page_size}, {cfg.num_kv_heads} kv heads x {cfg.head_dim}, {dtype}; "
+        f"{pools} tokens; {host}; storage {cfg.storage or 'off'}; "
+        f"backend {cfg.backend or 'auto'} on {cfg.device}; SWA eviction {cfg.swa_eviction}"
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _line(key: str, value: str) -> str:
+    return f"  {key:<15}{value}"
+
+
+def format_report(res: SimResult, ascii_only: bool = False) -> str:
+    """The full text report of one run."""
+    m, s, cfg, samples = summary(res), res.stats, res.config, res.samples
+    served, computed = m["served_tokens"], m["computed_tokens"]
+    peak = max((x.running for x in samples), default=0)
+
+    def spark(values: list[float], hi: float = 1.0) -> str:
+        return "|" + sparkline(values, hi=hi, ascii_only=ascii_only) + "|"
+
+    hits = "  ".join(f"{t} {_pct(m[f'{t}_hit_rate'])}" for t in TIERS)
+    moved = s.get("backed_up_tokens", 0) + s.get("loaded_tokens", 0)
+    stopped = " -- stopped by --max-steps" if res.truncated else ""
+    verified = "on" if res.verify else "OFF"
+    lines = [
+        f"hybridkv sim: workload {res.workload}",
+        _line("config", describe(cfg)),
+        _line(
+            "requests", f"{m['finished']}/{m['requests']} finished ({m['added']} added){stopped}"
+        ),
+        _line("steps", f"{m['steps']:,} in {m['wall_s']:.1f} s wall (KV verification {verified})"),
+        _line("prefix hits", f"{hits}  (of {m['prefill_tokens']:,} prefill tokens)"),
+        _line(
+            "tokens",
+            f"served {served:,} (prompt {m['prompt_tokens']:,} + output {m['output_tokens']:,});"
+            f" computed {computed:,} ({_pct(computed / served if served else 0)} of served)",
+        ),
+        _line(
+            "overhead",
+            f"schedule+commit per step: median {m['overhead_median_us']:,.0f} us, "
+            f"p99 {m['overhead_p99_us']:,.0f} us",
+        ),
+        _line(
+            "pool use",
+            f"min/mean/max  full {m['full_used_min']:.2f}/{m['full_used_mean']:.2f}/"
+            f"{m['full_used_max']:.2f}  SWA {m['swa_used_min']:.2f}/{m['swa_used_mean']:.2f}/"
+            f"{m['swa_used_max']:.2f}  (over {len(samples):,} steps:)",
+        ),
+        _line("  full used", spark([x.full_used for x in samples])),
+        _line("  SWA used", spark([x.swa_used for x in samples])),
+        _line("  hit rate", spark([x.hit_rate for x in samples]) + " cumulative"),
+        _line("  running", spark([x.running for x in samples], hi=peak) + f" peak {peak}"),
+        _line(
+            "evictions",
+            f"full {m['evicted_full_tokens']:,} tokens, SWA {m['evicted_swa_tokens']:,} tokens",
+        ),
+        _line("retractions", f"{m['retractions']:,}"),
+        _line(
+            "host<->device",
+            f"{_size(m['bytes_moved'])} ({moved:,} tokens x {bytes_per_token(cfg):,} B)",
+        ),
+        _line("OOMs", str(m["ooms"])),
+    ]
+    for e in res.errors:
+        lines.append(_line("ERROR", f"{e.kind} at step {e.step}: {e.message}"))
+    if m["retractions"]:
+        lines.append("  (a retracted request prefills again: its hits and tokens count again)")
+    return "\n".join(lines)
+
+
+COLUMNS = (
+    ("hit rate", "hit_rate", "{:.1%}"),
+    ("computed", "computed_tokens", "{:,}"),
+    ("steps", "steps", "{:,}"),
+    ("evict full", "evicted_full_tokens", "{:,}"),
+    ("evict SWA", "evicted_swa_tokens", "{:,}"),
+    ("retract", "retractions", "{:,}"),
+    ("med us", "overhead_median_us", "{:,.0f}"),
+    ("p99 us", "overhead_p99_us", "{:,.0f}"),
+    ("OOMs", "ooms", "{}"),
+    ("wall s", "wall_s", "{:.1f}"),
+)
+
+
+def format_compare(rows: Sequence[tuple[str, SimResult | str]]) -> str:
+    """A table of runs, one per ``(policy, result)``; a ``str`` result is shown as-is."""
+    header = ["policy", *(c[0] for c in COLUMNS)]
+    table: list[list[str]] = []
+    notes: list[str] = []
+    for name, res in rows:
+        if isinstance(res, str):
+            table.append([name, res])
+            continue
+        m = summary(res)
+        table.append([name, *(fmt.format(m[key]) for _, key, fmt in COLUMNS)])
+        notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
+    full_rows = [r for r in [header, *table] if len(r) > 2]
+    widths = [max(len(r[i]) for r in full_rows) for i in range(len(header))]
+    widths[0] = max(len(r[0]) for r in [header, *table])
+    out = []
+    for r in [header, *table]:
+        cells = [r[0].ljust(widths[0])]
+        if len(r) == 2:
+            cells.append(r[1])
+        else:
+            cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out + notes)
+
+
+def plot(res: SimResult, path: str | Path) -> None:
+    """Hit rate and pool occupancy over steps, to ``path`` (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [x.step for x in res.samples]
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    ax1.plot(steps, [x.hit_rate for x in res.samples], label="prefix hit rate (cumulative)")
+    ax1.set_ylabel("hit rate")
+    ax1.set_ylim(0, 1)
+    ax1.legend(loc="lower right")
+    ax2.plot(steps, [x.full_used for x in res.samples], label="full pool used")
+    if res.config.has_swa:
+        ax2.plot(steps, [x.swa_used for x in res.samples], label="SWA pool used")
+    ax2.set_ylabel("fraction of pool")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("step")
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"hybridkv sim: {res.workload}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,334 @@
+"""The workload simulator: generators, traces, the replay loop, reports and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from hybridkv.scheduler import CacheConfig, MemoryManager
+from hybridkv.sim import cli, report
+from hybridkv.sim import run as sim_run
+from hybridkv.sim.engine import FakeEngine
+from hybridkv.sim.trace import dump_trace, load_trace, parse_trace
+from hybridkv.sim.workloads import GENERATORS, Session, Turn, Workload
+
+# NOTE: backend "torch" everywhere: the interpreter (on in tests without a GPU) would make
+# every step of a replay seconds long, and the kernels have their own tests.
+TINY = CacheConfig(
+    num_layers=4,
+    swa_layer_ids=(1, 3),
+    num_kv_heads=1,
+    head_dim=8,
+    page_size=16,
+    full_tokens=4096,
+    swa_tokens=1024,
+    sliding_window=64,
+    device="cpu",
+    backend="torch",
+)
+CLI_TINY = [
+    "--backend", "torch", "--device", "cpu", "--full-tokens", "8192", "--swa-tokens", "1024",
+    "--window", "64", "--requests", "12", "--quiet", "--check-every", "1",
+]  # fmt: skip
+REPORT_FIELDS = (
+    "requests", "steps", "device_hit_rate", "host_hit_rate", "storage_hit_rate",
+    "computed_tokens", "served_tokens", "overhead_median_us", "overhead_p99_us",
+    "full_used_min", "full_used_mean", "full_used_max", "swa_used_mean", "evicted_full_tokens",
+    "evicted_swa_tokens", "retractions", "bytes_moved", "ooms",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread, as the CLI uses: on a busy CPU more make each step 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small(name: str, seed: int) -> Workload:
+    return GENERATORS[name](requests=10, seed=seed, max_context=2048)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generator_is_deterministic_by_seed(name: str) -> None:
+    """Same seed, same workload; another seed, another; sizes within the limits asked."""
+    a, b, c = small(name, 3), small(name, 3), small(name, 4)
+    assert a == b and a != c
+    assert a.num_requests == 10
+    for s in a.sessions:
+        lens = s.context_lens()
+        assert lens[-1] + s.turns[-1].max_new_tokens <= 2048
+        assert all(t.max_new_tokens > 0 and t.new_ids for t in s.turns)
+
+
+def test_chat_sessions_open_with_shared_system_prompts() -> None:
+    """Chat sessions start with one of a few system prompts and arrive over time."""
+    w = GENERATORS["chat"](requests=60, seed=0, system_prompts=3, system_len=(50, 50))
+    heads = {s.turns[0].new_ids[:50] for s in w.sessions}
+    assert 1 < len(heads) <= 3
+    assert w.sessions[-1].turns[0].t > w.sessions[0].turns[0].t
+
+
+def test_tiny_run_end_to_end() -> None:
+    """A small chat replays cleanly with verification on: report fields present, no OOM."""
+    res = sim_run.run(small("chat", 0), TINY, check_every=1)
+    m = report.summary(res)
+    assert set(REPORT_FIELDS) <= set(m)
+    assert res.errors == [] and m["ooms"] == 0 and not res.truncated
+    assert m["finished"] == m["requests"] == 10
+    assert 0 < m["computed_tokens"] <= m["served_tokens"]
+    assert m["device_hit_rate"] > 0 and len(res.samples) == res.steps == len(res.overhead_us)
+    text = report.format_report(res)
+    for key in ("prefix hits", "overhead", "pool use", "evictions", "retractions", "OOMs"):
+        assert key in text
+
+
+def test_follow_up_turn_includes_actual_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn 1 is sent after turn 0 finished: prompt 0 + its engine output + new tokens."""
+    added: list[tuple[int, object]] = []
+    steps = {"n": 0}
+
+    class Recording(FakeEngine):
+        def add(self, request: object) -> None:
+            added.append((steps["n"], request))
+            super().add(request)
+
+        def step(self) -> tuple[object, list[str]]:
+            plan, finished = super().step()
+            steps["n"] += plan is not None
+            if "s/0" in finished:
+                self.first_output = list(self.outputs["s/0"])
+                self.first_done = steps["n"]
+            return plan, finished
+
+    engines: list[Recording] = []
+    monkeypatch.setattr(
+        sim_run, "FakeEngine", lambda *a: engines.append(Recording(*a)) or engines[-1]
+    )
+    turns = (Turn(tuple(range(40)), 5), Turn((7, 8, 9), 4, gap=3))
+    busy = Session("bg", (Turn(tuple(range(100, 140)), 40),))  # keeps steps == clock
+    res = sim_run.run(Workload("w", (Session("s", turns), busy)), TINY)
+    assert res.errors == [] and res.finished == 3
+    (t1, r1) = next((t, r) for t, r in added if r.rid == "s/1")
+    assert r1.input_ids == [*range(40), *engines[0].first_output, 7, 8, 9]
+    assert t1 == engines[0].first_done + 3
+
+
+def test_salted_run_hits_nothing() -> None:
+    """The no-prefix-cache baseline: every request has a unique first token."""
+    roomy = TINY.replace(full_tokens=16384, swa_tokens=4096)  # no retraction: no self-hits
+    res = sim_run.run(small("docqa", 0), roomy, salt=True)
+    assert res.errors == [] and res.stats["retracted_requests"] == 0
+    assert res.stats["device_hit_tokens"] == 0 and res.stats["computed_tokens"] > 0
+
+
+def test_max_steps_truncates() -> None:
+    """--max-steps stops the replay early and says so."""
+    res = sim_run.run(small("agent", 0), TINY, max_steps=7)
+    assert res.steps == 7 and res.truncated and res.errors == []
+    assert "stopped by --max-steps" in report.format_report(res)
+
+
+def test_manager_assertion_is_an_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An assertion out of schedule() stops the run, is counted as an OOM, exits 1."""
+    real = MemoryManager.schedule
+    calls = {"n": 0}
+
+    def schedule(self: MemoryManager) -> object:
+        calls["n"] += 1
+        assert calls["n"] < 5, "decode batch does not fit after eviction"
+        return real(self)
+
+    monkeypatch.setattr(MemoryManager, "schedule", schedule)
+    res = sim_run.run(small("chat", 0), TINY)
+    assert [(e.kind, e.step) for e in res.errors] == [("oom", 4)]
+    assert report.summary(res)["ooms"] == 1 and "decode batch" in res.errors[0].message
+    calls["n"] = 0
+    assert cli.main(CLI_TINY) == 1
+
+
+def test_kv_corruption_is_a_verify_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong page table caught by the engine's KV check is a verification failure."""
+    real = MemoryManager.req_slots
+    monkeypatch.setattr(MemoryManager, "req_slots", lambda self, rid: real(self, rid).flip(0))
+    res = sim_run.run(small("chat", 0), TINY)
+    assert [e.kind for e in res.errors] == ["verify"] and report.summary(res)["ooms"] == 0
+    assert "KV corrupted" in res.errors[0].message
+
+
+def test_stall_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """schedule() returning None while requests wait is a stall error, not a hang."""
+    monkeypatch.setattr(MemoryManager, "schedule", lambda self: None)
+    res = sim_run.run(small("chat", 0), TINY)
+    assert [e.kind for e in res.errors] == ["stall"]
+
+
+def test_request_that_never_fits_is_rejected_before_running() -> None:
+    """validate() names the session and turn; nothing runs."""
+    w = Workload("w", (Session("big", (Turn(tuple(range(4000)), 200),)),))
+    with pytest.raises(ValueError, match="session 'big' turn 0"):
+        sim_run.run(w, TINY)
+
+
+GOOD_TRACE = [
+    '{"t": 0, "input_ids": [1, 2, 3], "max_new_tokens": 4, "session": "a"}',
+    "",
+    '{"t": 2, "input_ids": [9, 9], "max_new_tokens": 2}',
+    '{"t": 1, "input_ids": [5], "max_new_tokens": 3, "session": "a"}',
+    '{"t": 3, "input_ids": [6], "max_new_tokens": 1, "session": 7}',
+]
+
+
+def test_trace_parses_sessions_and_lines() -> None:
+    """Lines of a session become its turns; a line without a session stands alone."""
+    w = parse_trace(GOOD_TRACE)
+    assert [(s.sid, len(s.turns)) for s in w.sessions] == [("a", 2), ("<line 3>", 1), ("7", 1)]
+    assert w.sessions[0].turns[1] == Turn((5,), 3, 1)
+    assert w.num_requests == 4
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ('{"t": -1, "input_ids": [1], "max_new_tokens": 1}', "'t'"),
+        ('{"t": 1.5, "input_ids": [1], "max_new_tokens": 1}', "'t'"),
+        ('{"input_ids": [1], "max_new_tokens": 1}', "'t'"),
+        ('{"t": 0, "input_ids": [], "max_new_tokens": 1}', "'input_ids'"),
+        ('{"t": 0, "input_ids": [1, "x"], "max_new_tokens": 1}', "'input_ids'"),
+        ('{"t": 0, "input_ids": [1, -2], "max_new_tokens": 1}', "'input_ids'"),
+        ('{"t": 0, "input_ids": [1], "max_new_tokens": 0}', "'max_new_tokens'"),
+        ('{"t": 0, "input_ids": [1], "max_new_tokens": true}', "'max_new_tokens'"),
+        ('{"t": 0, "input_ids": [1], "max_new_tokens": 1, "session": [1]}', "'session'"),
+        ('{"t": 0, "input_ids": [1], "max_new_tokens": 1, "sesion": "a"}', "'sesion'"),
+        ('{"t": 0, "input_ids": [1], "max_new_tokens": 1, "session": "a"}', "'t'"),  # t < 3
+        ('{"t": 0, "input_ids": [1]', "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_trace_bad_line_names_line_and_field(line: str, field: str) -> None:
+    """A malformed line is a ValueError naming its line number and field."""
+    lines = ['{"t": 3, "input_ids": [1, 2], "max_new_tokens": 2, "session": "a"}', line]
+    with pytest.raises(ValueError, match="trace line 2: ") as e:
+        parse_trace(lines)
+    assert field in str(e.value)
+
+
+def test_trace_too_long_session_names_line() -> None:
+    """A session growing past max_context is an error at the line that crosses it."""
+    with pytest.raises(ValueError, match=r"trace line 4: field 'input_ids'.*'a' grows to 11 "):
+        parse_trace(GOOD_TRACE, max_context=9)
+
+
+def test_cli_bad_trace_is_a_clean_error(tmp_path, capsys) -> None:  # noqa: ANN001
+    """The CLI exits 2 with the line and field on stderr and runs nothing."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD_TRACE[0] + '\n{"t": 1, "input_ids": [1], "max_new_tokens": "4"}\n')
+    assert cli.main(["--trace", str(path), *CLI_TINY]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "trace line 2: field 'max_new_tokens'" in err
+    assert cli.main(["--workload", "trace", *CLI_TINY]) == 2
+    assert "--trace FILE" in capsys.readouterr().err
+
+
+def test_cli_trace_round_trip(tmp_path, capsys) -> None:  # noqa: ANN001
+    """--dump-trace writes a generated workload that --trace replays cleanly."""
+    path = tmp_path / "w.jsonl"
+    assert (
+        cli.main(["--workload", "agent", "--seed", "2", "--dump-trace", str(path), *CLI_TINY]) == 0
+    )
+    w = load_trace(path)
+    gen = GENERATORS["agent"](requests=12, seed=2)
+    assert w.num_requests == 12 and [s.turns[0] for s in w.sessions] == [
+        s.turns[0] for s in gen.sessions
+    ]
+    assert dump_trace(w) == path.read_text().splitlines()
+    capsys.readouterr()
+    assert cli.main(["--trace", str(path), *CLI_TINY]) == 0
+    assert "finished" in capsys.readouterr().out
+
+
+def test_cli_run_prints_report(capsys) -> None:  # noqa: ANN001
+    """main(argv) runs the default workload on a tiny config and exits 0."""
+    assert cli.main(CLI_TINY) == 0
+    out = capsys.readouterr().out
+    for key in ("prefix hits", "device", "host", "storage", "OOMs           0", "full used"):
+        assert key in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host-tokens", "1"], "host_tokens must be 0"),
+        (["--host-tokens", "0", "--storage", "/tmp/x"], "storage needs the host tier"),
+        (["--backend", "triton", "--device", "cpu"], "backend='triton'"),
+    ],
+)
+def test_cli_unsupported_config_is_a_clean_error(flags, message, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """Flags pass through to CacheConfig; its ValueError is printed, exit 2."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main([*CLI_TINY, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_compare_table(capsys) -> None:  # noqa: ANN001
+    """--compare: one row per policy, the host tier and storage rows included."""
+    argv = ["--compare", "--workload", "docqa", "--host-tokens", "4096", *CLI_TINY]
+    assert cli.main(argv) == 0
+    rows = capsys.readouterr().out.splitlines()
+    table = {r.split("  ")[0]: r for r in rows}
+    assert table["no prefix cache"].split()[3] == "0.0%"
+    assert "prefix cache, LRU SWA eviction" in table
+    assert "prefix cache, window SWA eviction" in table
+    assert "n/a" not in table["+host tier"]
+    assert "n/a" not in table["+host tier +storage"]
+
+
+def test_cli_plot(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """--plot writes a PNG with matplotlib, and says what is missing without it."""
+    path = tmp_path / "p.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert cli.main([*CLI_TINY, "--plot", str(path)]) == 0
+        assert path.stat().st_size > 0
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a)
+    )
+    assert cli.main([*CLI_TINY, "--plot", str(path)]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_sparkline_and_percentile() -> None:
+    """Sparklines bucket and scale; percentiles are nearest-rank."""
+    assert report.sparkline([0.0, 1.0], ascii_only=True) == " #"
+    assert len(report.sparkline([0.5] * 1000, width=60)) == 60
+    assert report.percentile(list(range(1, 101)), 99) == 99
+    assert report.percentile([], 50) == 0.0
+    assert sim_run.bytes_per_token(TINY) == 2 * 4 * 1 * 8 * torch.bfloat16.itemsize
+    assert json.loads(dump_trace(small("docqa", 1))[0])["session"].startswith("doc")
+
+
+def test_invariant_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing mm.check() stops the run as an invariant error."""
+
+    def check(self: MemoryManager) -> None:
+        raise AssertionError("full: pages [3] are lost or held twice")
+
+    monkeypatch.setattr(MemoryManager, "check", check)
+    res = sim_run.run(small("chat", 0), TINY, check_every=3)
+    assert [(e.kind, e.step) for e in res.errors] == [("invariant", 3)]
+
+
+def test_lone_accepted_request_finishes() -> None:
+    """A request add_request accepts finishes when it runs alone (no stall)."""
+    cfg = CacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=8, full_tokens=64, device="cpu", backend="torch"
+    )
+    w = Workload("w", (Session("s", (Turn(tuple(range(33)), 14),)),))
+    res = sim_run.run(w, cfg)
+    assert res.errors == [] and res.finished == 1
