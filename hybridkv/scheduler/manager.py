@@ -72,6 +72,7 @@ class _Admitted:
     swa_held: int
     match: MatchResult | None = None
     load: Cost = NO_LOAD
+    load_start: int = 0  # where its pin on host copies starts (unpin from there)
 
     @property
     def completes(self) -> bool:
@@ -333,7 +334,8 @@ class MemoryManager:
                 break  # a partial chunk took what was left
             match = self._match(req)
             lock = self.tree.inc_lock(match.last_node, self._window_start(match.last_host_node.end))
-            self.tree.pin_host(match, +1)
+            load_start = match.load_start
+            self.tree.pin_host(match.last_host_node, load_start, +1)
             load = Cost(match.host_hit_length, match.swa_host_hit_length)
             prefix_len = match.length + match.host_hit_length
             req.lock, req.kv_len = lock, prefix_len
@@ -346,11 +348,11 @@ class MemoryManager:
                 load,
             )
             if chunk == 0:
-                self.tree.pin_host(match, -1)
+                self.tree.pin_host(match.last_host_node, load_start, -1)
                 self.tree.dec_lock(lock)
                 req.lock, req.kv_len = None, 0
                 break
-            admitted.append(_Admitted(req, chunk, held, match, load))
+            admitted.append(_Admitted(req, chunk, held, match, load, load_start))
         if not admitted:
             return None
         for a in admitted:
@@ -447,7 +449,7 @@ class MemoryManager:
                 lock = self.tree.inc_lock(match.last_host_node)
                 self.tree.dec_lock(req.lock)
                 req.lock = lock
-            self.tree.pin_host(match, -1)
+            self.tree.pin_host(match.last_host_node, a.load_start, -1)
             req.cached_len = req.kv_len
             self.released_lens[req.row] = req.cached_len
             self.counters["device_hit_tokens"] += match.length

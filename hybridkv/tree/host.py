@@ -349,16 +349,15 @@ class HostMixin:
             host.swa.free(torch.cat(swa_pages))
         return freed
 
-    def pin_host(self, match: object, delta: int) -> None:
-        """Pin (``+1``) or unpin (``-1``) the host copies a match will load back.
+    def pin_host(self, end: Node, start: int, delta: int) -> None:
+        """Pin (``+1``) or unpin (``-1``) the host copies of positions ``[start, end.end)`` on
+        the path to ``end`` (what a match will load back).
 
-        Walks the path by position, not the match's node list: a node split in between (by
-        another request's match) leaves both halves pinned, and both are on the path.
+        Walks the path by position, not a list of nodes: a node split in between (by another
+        request's match) leaves both halves pinned, and both are on the path. Unpin with the
+        same ``start``.
         """
-        start = match.length
-        if match.swa_nodes:
-            start = min(start, match.swa_nodes[0].start)
-        for node in match.last_host_node.path():
+        for node in end.path():
             if node.end <= start:
                 break
             node.host_lock += delta

@@ -55,6 +55,12 @@ class MatchResult:
         """SWA KV tokens of the last window to load back from host."""
         return sum(len(n) for n in self.swa_nodes)
 
+    @property
+    def load_start(self) -> int:
+        """First position whose KV (full or SWA) comes back from host."""
+        start = self.length
+        return min(start, self.swa_nodes[0].start) if self.swa_nodes else start
+
 
 @dataclass(frozen=True, slots=True)
 class LockHandle:
