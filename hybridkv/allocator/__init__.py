@@ -3,6 +3,7 @@
 from hybridkv.allocator.host import HostPool
 from hybridkv.allocator.kv_pool import KVPool
 from hybridkv.allocator.paged import PagedAllocator
+from hybridkv.allocator.state_pool import StatePool
 from hybridkv.allocator.swa import SWAAllocator
 
-__all__ = ["HostPool", "KVPool", "PagedAllocator", "SWAAllocator"]
+__all__ = ["HostPool", "KVPool", "PagedAllocator", "StatePool", "SWAAllocator"]

@@ -21,36 +21,41 @@ class PrefillAdder:
 
     def admit(
         self,
-        full_room: int,
-        swa_room: int,
+        rooms: Cost,
+        start: int,
         remaining: int,
         reserve: int,
         swa_held: int = 0,
         load: Cost = NO_LOAD,
+        new: bool = False,
     ) -> int:
         """Tokens of a request's next chunk to compute now (0: defer it and stop adding).
 
-        ``full_room`` / ``swa_room``: each pool's available + evictable tokens now (after
-        locking the request's prefix); ``remaining``: tokens it still has to compute;
+        ``rooms``: each pool's available + evictable now (after locking the request's prefix);
+        ``start``: the chunk's first position; ``remaining``: tokens it still has to compute;
         ``reserve``: full tokens held back for its decode; ``swa_held``: SWA tokens it holds
-        already (a continuing chunked request); ``load``: what loading its prefix back from
-        host takes (admitted with the first chunk or not at all). The chunk is the whole
-        remainder when that fits, else the largest page multiple that does.
+        already; ``load``: what loading its prefix back from host takes (admitted with the
+        first chunk or not at all); ``new``: its first chunk. The chunk is the whole remainder
+        when that fits, else the largest page multiple that does. With recurrent layers a
+        chunk also stops at the prompt's last page boundary, where the tree keeps its state.
         """
-        ps = self.config.page_size
-        chunk = min(remaining, self.config.chunked_prefill_size, self.input_left)
+        cfg, ps = self.config, self.config.page_size
+        chunk = min(remaining, cfg.chunked_prefill_size, self.input_left)
         if chunk < remaining:
             chunk -= chunk % ps
-        full_left = full_room - self.used.full - reserve
-        swa_left = swa_room - self.used.swa
-        need = cost(self.config, chunk, swa_held, load)
+        boundary = (start + remaining) - (start + remaining) % ps
+        if cfg.mamba_layer_ids and start < boundary < start + chunk:
+            chunk = boundary - start
+        full_left = rooms.full - self.used.full - reserve
+        swa_left = rooms.swa - self.used.swa
+        need = cost(cfg, chunk, swa_held, load, chunk_end=start + chunk, new=new)
         if chunk and (need.full > full_left or need.swa > swa_left):
             # NOTE: a chunk is shrunk, never given an unchecked budget: defer rather than
             # take the last page (the bug of chunked prefill that admits what cannot fit).
-            room = largest_chunk(self.config, full_left - load.full, swa_left - load.swa, swa_held)
+            room = largest_chunk(cfg, full_left - load.full, swa_left - load.swa, swa_held)
             chunk = min(chunk - chunk % ps, room)
-            need = cost(self.config, chunk, swa_held, load)
-        if chunk <= 0:
+            need = cost(cfg, chunk, swa_held, load, chunk_end=start + chunk, new=new)
+        if chunk <= 0 or need.state > rooms.state - self.used.state:
             return 0
         self.used = self.used + need + Cost(full=reserve)
         self.input_left -= chunk

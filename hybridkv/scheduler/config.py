@@ -64,8 +64,16 @@ class CacheConfig:
             raise ValueError(
                 "swa_layer_ids / mamba_layer_ids must be distinct ids in [0, num_layers)"
             )
-        if self.mamba_layer_ids or self.state_slots:
-            raise ValueError("mamba_layer_ids: recurrent state is not supported yet")
+        if not _is_int(self.state_slots) or self.state_slots < 0:
+            raise ValueError(f"state_slots must be a non-negative int, got {self.state_slots!r}")
+        if self.mamba_layer_ids:
+            if not self.state_shape or any(d < 1 for d in self.state_shape):
+                raise ValueError("state_shape must be a non-empty shape of positive ints")
+            if self.state_slots < 3:
+                raise ValueError(
+                    "state_slots must be at least 3 with mamba_layer_ids (a working slot, a "
+                    "snapshot and a load back)"
+                )
         if not _is_int(self.host_tokens) or self.host_tokens < 0:
             raise ValueError(f"host_tokens must be a non-negative int, got {self.host_tokens!r}")
         if 0 < self.host_tokens < 2 * self.page_size:
@@ -119,6 +127,11 @@ class CacheConfig:
     def host_swa_tokens(self) -> int:
         """Host SWA tokens: the device ratio of SWA to full, at least what one request needs."""
         return max(self.host_tokens * self.swa_tokens // self.full_tokens, self.min_swa_tokens)
+
+    @property
+    def host_state_slots(self) -> int:
+        """Host state slots: the device ratio of host to full tokens, at least the device's."""
+        return max(self.state_slots * self.host_tokens // self.full_tokens, self.state_slots)
 
     @property
     def full_layer_ids(self) -> list[int]:

@@ -24,9 +24,10 @@ class Cost:
 
     full: int = 0
     swa: int = 0
+    state: int = 0  # recurrent-state slots
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.full + other.full, self.swa + other.swa)
+        return Cost(self.full + other.full, self.swa + other.swa, self.state + other.state)
 
 
 NO_LOAD = Cost()
@@ -36,20 +37,33 @@ def _pages(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def cost(config: CacheConfig, chunk_len: int, swa_held: int = 0, load: Cost = NO_LOAD) -> Cost:
+def cost(
+    config: CacheConfig,
+    chunk_len: int,
+    swa_held: int = 0,
+    load: Cost = NO_LOAD,
+    *,
+    chunk_end: int | None = None,
+    new: bool = False,
+) -> Cost:
     """What computing ``chunk_len`` new tokens of a request takes from each pool.
 
     ``swa_held``: SWA tokens the request holds already (after its release; 0 when new).
     Its SWA footprint grows to ``max(held + chunk, window)`` plus a page, of which it holds
-    ``held`` (in whole pages) already. ``load``: the full and SWA KV of its matched prefix
+    ``held`` (in whole pages) already. ``load``: the full, SWA and state of its matched prefix
     to load back from host (SGLang PR 27391 forgot the SWA part and ran out after admitting).
+    With recurrent layers: a working state slot for a ``new`` request, and a snapshot slot
+    when the chunk ends on a page boundary (``chunk_end``), where the tree keeps its state.
     """
     ps = config.page_size
     full = (_pages(chunk_len, ps) + 1) * ps + load.full
+    state = 0
+    if config.mamba_layer_ids:
+        state = int(new) + int(chunk_end is not None and chunk_end % ps == 0) + load.state
     if config.window is None:
-        return Cost(full, 0)
+        return Cost(full, 0, state)
     footprint = _pages(max(swa_held + chunk_len, config.window), ps) + 1
-    return Cost(full, (footprint - _pages(swa_held, ps)) * ps + load.swa)
+    return Cost(full, (footprint - _pages(swa_held, ps)) * ps + load.swa, state)
 
 
 def largest_chunk(config: CacheConfig, full_room: int, swa_room: int, swa_held: int = 0) -> int:

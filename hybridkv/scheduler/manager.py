@@ -8,6 +8,7 @@ any fit, and otherwise decodes every running request.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from hybridkv import kernels
-from hybridkv.allocator import HostPool, KVPool, PagedAllocator, SWAAllocator
+from hybridkv.allocator import HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import NO_LOAD, Cost, cost, decode_reserve, swa_steady
 from hybridkv.scheduler.plan import PageTable, Request, ScheduledReq, StepPlan
 from hybridkv.scheduler.tp import TPSync
-from hybridkv.tree import EvictParams, HostTier, LockHandle, MatchResult, RadixTree
+from hybridkv.tree import EvictParams, HostTier, LockHandle, MatchResult, Node, RadixTree
 from hybridkv.tree.storage import FileStorage
 
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -56,6 +57,8 @@ class _Req:
     alloc_len: int = 0
     cached_len: int = 0
     lock: LockHandle | None = None
+    state_slot: int = -1  # working recurrent state (running requests of a mamba model)
+    snapshot: tuple[int, int] | None = None  # (position, slot): its state at a page boundary
 
     @property
     def remaining_new_tokens(self) -> int:
@@ -108,8 +111,23 @@ class MemoryManager:
             self.allocator.full_to_swa,
             cfg.backend,
         )
+        self.states = None
+        if cfg.mamba_layer_ids:
+            self.states = StatePool(
+                list(cfg.mamba_layer_ids),
+                cfg.state_slots,
+                cfg.state_shape,
+                cfg.dtype,
+                self.device,
+                cfg.backend,
+            )
         self.tree = RadixTree(
-            self.allocator, cfg.page_size, cfg.window, cfg.swa_eviction, self._host_tier()
+            self.allocator,
+            cfg.page_size,
+            cfg.window,
+            cfg.swa_eviction,
+            self._host_tier(),
+            self.states,
         )
         rows = cfg.max_running_requests
         self.req_to_token = torch.zeros(
@@ -152,7 +170,12 @@ class MemoryManager:
                 "dtype": str(cfg.dtype),
             }
             storage = FileStorage(cfg.storage, signature)
-        return HostTier(self.kv, full, swa, cfg.write_policy, storage)
+        state = None
+        if cfg.mamba_layer_ids:
+            elems = math.prod(cfg.state_shape)
+            layers = len(cfg.mamba_layer_ids)
+            state = HostPool(cfg.host_state_slots, 1, layers, elems, cfg.dtype, cfg.backend)
+        return HostTier(self.kv, full, swa, cfg.write_policy, storage, state)
 
     # ---------------------------------------------------------------- requests
 
@@ -245,7 +268,7 @@ class MemoryManager:
             )
         if not all(type(t) is int and t >= 0 for t in ids):
             raise ValueError("next_token_ids must hold non-negative ints")
-        finished = []
+        finished, snapshots = [], []
         with self.allocator.free_group():
             for sreq, req, token in zip(plan.reqs, self._pending_reqs, ids, strict=True):
                 if self._reqs.get(sreq.rid) is not req:
@@ -254,12 +277,16 @@ class MemoryManager:
                 self.counters["computed_tokens"] += sreq.extend_len
                 if not sreq.is_decode:
                     self._cache_prefix(req)
+                elif self.states is not None and req.kv_len % self.config.page_size == 0:
+                    snapshots.append(req)
                 if not sreq.produces_token:
                     continue
                 req.fill_ids.append(token)
                 req.output_len += 1
                 if req.output_len >= req.max_new_tokens:
                     finished.append(req)
+            if snapshots:
+                self._take_snapshots(snapshots)
             for req in finished:
                 self._release(req)
                 del self._running[req.rid]
@@ -270,10 +297,18 @@ class MemoryManager:
 
     # ---------------------------------------------------------------- prefill
 
-    def _rooms(self) -> tuple[int, int]:
-        """Each pool's available + evictable tokens."""
+    def _rooms(self) -> Cost:
+        """Each pool's available + evictable tokens (state: slots and unpinned snapshots)."""
         tree, alloc = self.tree, self.allocator
-        return alloc.full_available + tree.evictable_full, alloc.swa_available + tree.evictable_swa
+        state = 0
+        if self.states is not None:
+            pinned = sum(1 for n in tree._nodes() if n.state is not None and n.state_lock)
+            state = self.states.available + tree.cached_states - pinned
+        return Cost(
+            alloc.full_available + tree.evictable_full,
+            alloc.swa_available + tree.evictable_swa,
+            state,
+        )
 
     def _swa_held(self, req: _Req) -> int:
         """SWA tokens a request keeps alive: the window of its prefix its lock pins in the
@@ -319,7 +354,8 @@ class MemoryManager:
             self._release_swa([chunked])
             held = self._swa_held(chunked)
             chunk = adder.admit(
-                *self._rooms(),
+                self._rooms(),
+                chunked.kv_len,
                 len(chunked.fill_ids) - chunked.kv_len,
                 self._decode_reserve(chunked, admitted),
                 held,
@@ -336,18 +372,24 @@ class MemoryManager:
             lock = self.tree.inc_lock(match.last_node, self._window_start(match.last_host_node.end))
             load_start = match.load_start
             self.tree.pin_host(match.last_host_node, load_start, +1)
-            load = Cost(match.host_hit_length, match.swa_host_hit_length)
+            load = Cost(
+                match.host_hit_length, match.swa_host_hit_length, int(match.state_from_host)
+            )
             prefix_len = match.length + match.host_hit_length
             req.lock, req.kv_len = lock, prefix_len
             held = self._swa_held(req)
+            match.last_host_node.state_lock += 1  # its snapshot seeds the working state
             chunk = adder.admit(
-                *self._rooms(),
+                self._rooms(),
+                prefix_len,
                 len(req.fill_ids) - prefix_len,
                 self._decode_reserve(req, admitted),
                 held,
                 load,
+                new=True,
             )
             if chunk == 0:
+                match.last_host_node.state_lock -= 1
                 self.tree.pin_host(match.last_host_node, load_start, -1)
                 self.tree.dec_lock(lock)
                 req.lock, req.kv_len = None, 0
@@ -378,11 +420,17 @@ class MemoryManager:
         for n, a in zip(pages.tolist(), admitted, strict=True):
             # NOTE: allocation never takes more than admission charged (one cost function);
             # both pools take n pages (SWA pages are paired with full pages).
-            charged = cost(cfg, a.chunk, a.swa_held, a.load)
+            end = a.req.kv_len + a.chunk
+            charged = cost(cfg, a.chunk, a.swa_held, a.load, chunk_end=end, new=a.match is not None)
             assert n * ps + a.load.full <= charged.full, "full allocation exceeds the cost"
             assert cfg.window is None or n * ps + a.load.swa <= charged.swa, "SWA exceeds the cost"
+            takes = int(a.match is not None) + a.load.state + int(end % ps == 0)
+            assert self.states is None or takes <= charged.state, "state exceeds the cost"
         load = sum((a.load for a in admitted), NO_LOAD)
         self._make_room(int(pages.sum()) * ps + load.full, int(pages.sum()) * ps + load.swa)
+        if self.states is not None:
+            new = sum(1 for a in admitted if a.match is not None)
+            self.tree.evict_states(new + load.state - self.states.available)
         prefixes = self._take_prefixes([a for a in admitted if a.match is not None])
         rows = torch.tensor([a.req.row for a in admitted], dtype=torch.int64, device=self.device)
         prefix_dev = prefix_lens.to(self.device)
@@ -414,6 +462,7 @@ class MemoryManager:
                     produces_token=a.completes,
                     cached_len=a.match.length if a.match is not None else 0,
                     loaded_len=a.load.full,
+                    state_slot=a.req.state_slot,
                 )
             )
         return self._plan(sreqs, out, rows, prefix_dev, seq_lens.to(self.device))
@@ -442,6 +491,8 @@ class MemoryManager:
         ends = [a.match.last_host_node for a in new if a.load.full or a.load.swa]
         if ends:
             self.counters["loaded_tokens"] += self.tree.load_back(ends)
+        if self.states is not None:
+            self._seed_states(new)
         prefixes = []
         for a in new:
             req, match = a.req, a.match
@@ -456,6 +507,28 @@ class MemoryManager:
             self.counters["host_hit_tokens"] += a.load.full
             prefixes.append(self.tree.prefix_slots(req.lock.node))
         return prefixes
+
+    def _seed_states(self, new: list[_Admitted]) -> None:
+        """Give each new request a working state slot: a copy of the snapshot its prefix ends
+        at (loaded back from host first if need be; one copy for the batch), or zeros."""
+        slots = self.states.allocator.alloc_pages(len(new))
+        assert slots is not None, "admitted working states do not fit"
+        src, dst, fresh = [], [], []
+        for a, slot in zip(new, slots.tolist(), strict=True):
+            a.req.state_slot = slot
+            end = a.match.last_host_node
+            if end is not self.tree.root:
+                assert self.tree.load_state(end), "admitted state load back does not fit"
+                src.append(end.state)
+                dst.append(slot)
+            else:
+                fresh.append(slot)
+            end.state_lock -= 1
+        device = self.states.buf.device
+        if src:
+            self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
+        if fresh:
+            self.states.zero(torch.tensor(fresh, device=device))
 
     def _make_room(self, full_tokens: int, swa_tokens: int | None = None) -> bool:
         """Evict until each pool has the tokens free; False if even eviction cannot."""
@@ -548,7 +621,9 @@ class MemoryManager:
         sreqs = []
         for req in batch:
             req.alloc_len = req.kv_len + 1
-            sreqs.append(ScheduledReq(req.rid, req.row, req.kv_len, 1, True, True))
+            sreqs.append(
+                ScheduledReq(req.rid, req.row, req.kv_len, 1, True, True, state_slot=req.state_slot)
+            )
         self.new_token_ratio = max(
             MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
         )
@@ -607,6 +682,8 @@ class MemoryManager:
         self.tree.dec_lock(req.lock)
         req.lock, req.cached_len = lock, aligned
         self.released_lens[row] = max(released, aligned)
+        if self.states is not None and req.kv_len == aligned:
+            self.tree.attach_state(node, req.state_slot)
 
     def _release(self, req: _Req) -> None:
         """Give a request's KV to the tree (whole pages), free the rest, unlock, free its row."""
@@ -614,15 +691,49 @@ class MemoryManager:
         aligned = req.kv_len - req.kv_len % ps
         slots = self.req_to_token[req.row, : req.alloc_len].long()
         released = int(self.released_lens[req.row]) if self.config.window is not None else 0
+        node = req.lock.node
         with self.allocator.free_group():
             if aligned > req.cached_len:
-                self.tree.insert(req.fill_ids[:aligned], slots[:aligned], req.cached_len, released)
+                node, _ = self.tree.insert(
+                    req.fill_ids[:aligned], slots[:aligned], req.cached_len, released
+                )
             self.allocator.free(slots[max(aligned, req.cached_len) :])
+        if self.states is not None:
+            self._release_states(req, node, aligned)
         assert req.lock is not None
         self.tree.dec_lock(req.lock)
         req.lock = None
         self._free_rows.append(req.row)
         req.row = -1
+
+    def _take_snapshots(self, reqs: list[_Req]) -> None:
+        """Copy decoding requests' states at a page boundary into their snapshot slots (one
+        copy): the tree keeps it when the request is cached. Best effort: a request that
+        cannot get a slot keeps none (snapshots are a cache)."""
+        src, dst = [], []
+        for req in reqs:
+            slot = req.snapshot[1] if req.snapshot is not None else self.tree.alloc_state()
+            if slot is None:
+                continue
+            req.snapshot = (req.kv_len, slot)
+            src.append(req.state_slot)
+            dst.append(slot)
+        if src:
+            device = self.states.buf.device
+            self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
+
+    def _release_states(self, req: _Req, node: Node, end: int) -> None:
+        """Leave the state after ``end`` tokens to ``node`` (ending there) if the request has
+        it, and free its working and snapshot slots."""
+        working = req.state_slot
+        if req.kv_len == end:
+            self.tree.attach_state(node, working)
+        elif req.snapshot is not None and req.snapshot[0] == end:
+            self.tree.attach_state(node, req.snapshot[1], owned=True)
+            req.snapshot = None
+        held = [working] + ([req.snapshot[1]] if req.snapshot is not None else [])
+        self.states.allocator.free_pages(torch.tensor(held, device=self.states.buf.device))
+        req.state_slot, req.snapshot = -1, None
 
     # ---------------------------------------------------------------- introspection
 
@@ -633,7 +744,7 @@ class MemoryManager:
         gauges = {
             "full_free": alloc.full_available,
             "swa_free": alloc.swa_available if has_swa else 0,
-            "state_free": 0,
+            "state_free": self.states.available if self.states is not None else 0,
             "host_free": tree.host.full.available if tree.host is not None else 0,
             "full_cached": tree.cached_full,
             "swa_cached": tree.cached_swa,
@@ -672,6 +783,15 @@ class MemoryManager:
         for req in self._waiting:
             assert req.row < 0 and req.lock is None and req.kv_len == 0
         assert len(self._free_rows) + len(active) == self.config.max_running_requests
+        if self.states is not None:
+            held = self.tree._check_states()
+            for req in active:
+                held.append(req.state_slot)
+                if req.snapshot is not None:
+                    held.append(req.snapshot[1])
+            pages = [torch.tensor(held, dtype=torch.int64, device=self.device)]
+            _assert_partition("state", pages, self.states.allocator)
+            assert len(held) == len(set(held)), "a state slot held twice"
 
     def flush(self) -> None:
         """Wait for every pending host<->device transfer."""

@@ -23,8 +23,10 @@ class ScheduledReq(NamedTuple):
     """One request's part of a step: positions ``[extend_start, extend_start + extend_len)``.
 
     ``cached_len`` (prefix found on device) and ``loaded_len`` (prefix loaded back) are set on
-    a request's first chunk and 0 on later chunks. (A NamedTuple: a step builds one per
-    running request, and it is three times cheaper to make than a frozen dataclass.)
+    a request's first chunk and 0 on later chunks. ``state_slot`` holds the request's
+    recurrent state after exactly ``extend_start`` tokens (zeros when that is 0). (A
+    NamedTuple: a step builds one per running request, three times cheaper than a frozen
+    dataclass.)
     """
 
     rid: str
@@ -35,6 +37,7 @@ class ScheduledReq(NamedTuple):
     produces_token: bool
     cached_len: int = 0
     loaded_len: int = 0
+    state_slot: int = -1  # recurrent-state slot (mamba models), else -1
 
 
 class PageTable(NamedTuple):

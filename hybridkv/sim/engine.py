@@ -2,7 +2,8 @@
 
 The code of position ``p`` is a rolling hash of ``tokens[:p+1]``, stored as small integers
 (exact in every float dtype). Reading a wrong page, a stale slot or another request's KV
-shows up as a code mismatch.
+shows up as a code mismatch. Recurrent layers get the same treatment: a request's state
+after ``n`` tokens is a code of ``tokens[:n]``, checked whenever a step resumes from it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FakeEngine:
         self.full_layer = cfg.full_layer_ids[0] if cfg.full_layer_ids else None
         self.swa_layer = cfg.swa_layer_ids[0] if cfg.swa_layer_ids else None
         self.attn_layers = cfg.full_layer_ids + list(cfg.swa_layer_ids)
+        self.mamba_layers = list(cfg.mamba_layer_ids)
         self.outputs: dict[str, list[int]] = {}
 
     def add(self, request: Request) -> None:
@@ -59,6 +61,8 @@ class FakeEngine:
         if self.verify:
             for sreq in plan.reqs:
                 self._verify_prefix(sreq.rid, sreq.extend_start)
+                if self.mamba_layers:
+                    self._verify_state(sreq.rid, sreq.state_slot, sreq.extend_start)
         codes = []
         for sreq in plan.reqs:
             hashes = self.seqs[sreq.rid].hash_upto(sreq.extend_start + sreq.extend_len)
@@ -66,6 +70,8 @@ class FakeEngine:
         k, v = self._kv(codes)
         for layer in self.attn_layers:
             self.mm.kv.set_kv(layer, plan.out_cache_loc, k, v)
+        if self.mamba_layers:
+            self._write_states(plan)
         tokens = []
         for sreq in plan.reqs:
             h = self.seqs[sreq.rid].hashes[sreq.extend_start + sreq.extend_len - 1]
@@ -86,6 +92,37 @@ class FakeEngine:
         k = (c % 256).to(cfg.dtype)[:, None, None].expand(shape)
         v = ((c >> 8) % 256).to(cfg.dtype)[:, None, None].expand(shape)
         return k.to(self.mm.device), v.to(self.mm.device)
+
+    def _state(self, h: int | None) -> torch.Tensor:
+        """The state code of a prefix hash (``None``: the empty prefix, all zeros)."""
+        shape = self.mm.config.state_shape
+        x = torch.zeros(shape, dtype=torch.int64).flatten()
+        if h is not None:
+            k = min(x.numel(), 7)
+            x[:k] = torch.tensor([(h >> (8 * i)) % 255 + 1 for i in range(k)])
+        return x.view(shape).to(self.mm.config.dtype)
+
+    def _write_states(self, plan: StepPlan) -> None:
+        slots, states = [], []
+        for sreq in plan.reqs:
+            h = self.seqs[sreq.rid].hashes[sreq.extend_start + sreq.extend_len - 1]
+            slots.append(sreq.state_slot)
+            states.append(self._state(h))
+        slot_t = torch.tensor(slots, dtype=torch.int64, device=self.mm.device)
+        x = torch.stack(states).to(self.mm.device)
+        for j, layer in enumerate(self.mamba_layers):
+            self.mm.states.set_state(layer, slot_t, x + j)
+
+    def _verify_state(self, rid: str, slot: int, n: int) -> None:
+        """Assert the state slot holds the state after exactly ``n`` tokens in every layer."""
+        assert slot > 0, f"{rid}: no state slot"
+        h = self.seqs[rid].hash_upto(n)[-1] if n else None
+        want = self._state(h)
+        slot_t = torch.tensor([slot], dtype=torch.int64, device=self.mm.device)
+        for j, layer in enumerate(self.mamba_layers):
+            got = self.mm.states.get_state(layer, slot_t)[0].cpu()
+            expected = want + j if n else want
+            assert torch.equal(got, expected), f"{rid}: state after {n} tokens corrupted"
 
     def _verify_prefix(self, rid: str, n: int) -> None:
         """Assert positions ``[0, n)`` read back their codes (SWA layers: the last window)."""

@@ -184,6 +184,8 @@ class EvictionMixin:
             self.evictable_swa -= n
             swa = n
         node.full, node.swa = None, False
+        if node.state is not None:
+            self._free_states([node])
         if not node.on_host:
             assert not node.children, "a node without KV anywhere has children"
             self._detach(node)

@@ -63,6 +63,7 @@ class HostTier:
     swa: HostPool | None
     write_policy: str
     storage: FileStorage | None = None
+    state: HostPool | None = None
     transfers: Transfers = field(init=False)
 
     def __post_init__(self) -> None:
@@ -143,6 +144,8 @@ class HostMixin:
                 swa_offset += k
                 self.host_cached_swa += len(n)
             self.host_cached_full += len(n)
+        if self.states is not None:
+            self._backup_states(fits)
         tokens = sum(len(n) for n in fits)
         self.backed_up_tokens += tokens
         if host.storage is not None:
@@ -339,6 +342,9 @@ class HostMixin:
                 freed_swa += len(node)
                 self.host_cached_swa -= len(node)
             node.host_full = node.host_swa = None
+            if node.host_state is not None:
+                host.state.free(torch.tensor([node.host_state]))
+                node.host_state = None
             if not node.on_device:
                 self._detach(node)
             if parent is not None and self._host_evictable(parent):

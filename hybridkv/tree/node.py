@@ -16,6 +16,8 @@ class Node:
         from the device; ``host_full`` the host slots of its backup.
       * swa: ``swa`` says whether the tokens' device SWA KV exists (reached through the
         allocator's full->SWA map; ``False`` is a tombstone); ``host_swa`` its backup.
+      * mamba: ``state`` is the state-pool slot of a snapshot of the recurrent state after
+        exactly ``end`` tokens (a split keeps it on the lower part); ``host_state`` its backup.
     Lock counts are per component: a full lock pins the node's full KV (every node on a
     locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window), a
     host lock its host values (a load back or a copy in flight).
@@ -30,9 +32,12 @@ class Node:
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     host_full: torch.Tensor | None = None
     host_swa: torch.Tensor | None = None
+    state: int | None = None
+    host_state: int | None = None
     full_lock: int = 0
     swa_lock: int = 0
     host_lock: int = 0
+    state_lock: int = 0
     last_access: int = 0
     hit_count: int = 0
 

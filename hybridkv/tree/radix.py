@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridkv.allocator import SWAAllocator
+from hybridkv.allocator import StatePool, SWAAllocator
 from hybridkv.tree.evict import EvictionMixin
 from hybridkv.tree.host import HostMixin, HostTier
 from hybridkv.tree.node import Node
+from hybridkv.tree.state import StateMixin
 
 SWA_EVICTION_POLICIES = ("window", "lru")
 
@@ -36,6 +37,7 @@ class MatchResult:
     last_node: Node
     host_nodes: tuple[Node, ...] = ()
     swa_nodes: tuple[Node, ...] = ()
+    state_from_host: bool = False
 
     @property
     def length(self) -> int:
@@ -56,6 +58,11 @@ class MatchResult:
         return sum(len(n) for n in self.swa_nodes)
 
     @property
+    def mamba_host_hit_length(self) -> int:
+        """Tokens whose recurrent state comes back from host (the prefix's snapshot)."""
+        return self.last_host_node.end if self.state_from_host else 0
+
+    @property
     def load_start(self) -> int:
         """First position whose KV (full or SWA) comes back from host."""
         start = self.length
@@ -70,7 +77,7 @@ class LockHandle:
     swa_start: int
 
 
-class RadixTree(EvictionMixin, HostMixin):
+class RadixTree(EvictionMixin, HostMixin, StateMixin):
     """Prefix cache over a :class:`SWAAllocator`.
 
     Args:
@@ -80,6 +87,8 @@ class RadixTree(EvictionMixin, HostMixin):
         swa_eviction: ``"window"`` keeps each cached branch's last window whole as long as
             anything of the branch is cached; ``"lru"`` tombstones in plain LRU order.
         host: the host tier (pools and write policy), or ``None`` for device only.
+        states: the recurrent-state pool for snapshots, or ``None`` for a model without
+            recurrent layers.
     """
 
     def __init__(
@@ -89,6 +98,7 @@ class RadixTree(EvictionMixin, HostMixin):
         window: int | None,
         swa_eviction: str = "window",
         host: HostTier | None = None,
+        states: StatePool | None = None,
     ) -> None:
         if swa_eviction not in SWA_EVICTION_POLICIES:
             raise ValueError(f"swa_eviction must be one of {SWA_EVICTION_POLICIES}")
@@ -97,6 +107,7 @@ class RadixTree(EvictionMixin, HostMixin):
         self.window = window
         self.swa_eviction = swa_eviction
         self.host = host
+        self.states = states
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._uids = itertools.count()
         self.root = Node(
@@ -110,6 +121,7 @@ class RadixTree(EvictionMixin, HostMixin):
         self.host_cached_full = 0  # tokens with host full KV
         self.host_cached_swa = 0  # tokens with host SWA KV
         self.backed_up_tokens = 0  # counter: tokens copied to host
+        self.cached_states = 0  # device state snapshots
         self._clock = 0
 
     # ---------------------------------------------------------------- match
@@ -125,9 +137,9 @@ class RadixTree(EvictionMixin, HostMixin):
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
         limit -= limit % self.page_size
         nodes = self._walk(tokens, limit)
+        nodes = nodes[: self._usable(nodes)]
         swa_nodes: list[Node] = []
         if self.window is not None:
-            nodes = nodes[: self._swa_usable(nodes)]
             if nodes:
                 start = max(0, nodes[-1].end - self.window)
                 start -= start % self.page_size
@@ -148,7 +160,8 @@ class RadixTree(EvictionMixin, HostMixin):
             self._backup([n for n in device if n.hit_count >= 2][-1:])
         last = device[-1] if device else self.root
         slots = torch.cat([n.full for n in device]) if device else self.root.full
-        return MatchResult(slots, last, tuple(host), tuple(swa_nodes))
+        state_from_host = bool(nodes) and self.states is not None and nodes[-1].state is None
+        return MatchResult(slots, last, tuple(host), tuple(swa_nodes), state_from_host)
 
     def path_tokens(self, node: Node) -> list[int]:
         """The token ids of the whole path to ``node``."""
@@ -175,13 +188,19 @@ class RadixTree(EvictionMixin, HostMixin):
             node = child
         return nodes
 
-    def _swa_usable(self, nodes: list[Node]) -> int:
-        """How many of ``nodes`` form the longest prefix whose last window has SWA KV."""
+    def _usable(self, nodes: list[Node]) -> int:
+        """How many of ``nodes`` form the longest prefix every layer kind can use: its last
+        window has SWA KV (device or host), and it ends at a recurrent-state snapshot."""
         usable, run_start = 0, 0
         for i, node in enumerate(nodes):
-            if not node.swa and node.host_swa is None:
-                run_start = node.end
-            elif run_start == 0 or node.end - run_start >= self.window:
+            swa_ok = True
+            if self.window is not None:
+                if not node.swa and node.host_swa is None:
+                    run_start = node.end
+                    continue
+                swa_ok = run_start == 0 or node.end - run_start >= self.window
+            state_ok = self.states is None or node.state is not None or node.host_state is not None
+            if swa_ok and state_ok:
                 usable = i + 1
         return usable
 
@@ -439,6 +458,8 @@ class RadixTree(EvictionMixin, HostMixin):
         assert (host_full, host_swa) == (self.host_cached_full, self.host_cached_swa), "host"
         if self.host is not None:
             self._check_host_pages()
+        if self.states is not None:
+            self._check_states()
 
     def _check_host_pages(self) -> None:
         """Every host page is free or held by exactly one node."""

@@ -1,0 +1,73 @@
+"""State pool: recurrent-state slots (one per running request, plus tree snapshots).
+
+A slot holds the conv + SSM state of every recurrent layer: the buffer is
+``[layers, slots, *state_shape]``, so one :func:`page_copy` (a slot is a page of one token)
+copies a slot's state in every layer. Slot 0 is reserved, like page 0 of the KV pools.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hybridkv import kernels
+from hybridkv.allocator.paged import PagedAllocator
+
+
+class StatePool:
+    """``get_state`` / ``set_state`` by layer and slot; slots handed out by a paged allocator."""
+
+    def __init__(
+        self,
+        layer_ids: list[int],
+        num_slots: int,
+        state_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: str | None,
+    ) -> None:
+        self.allocator = PagedAllocator(num_slots, 1, device, backend)
+        self.state_shape = tuple(state_shape)
+        self.backend = backend
+        self._index = {lid: j for j, lid in enumerate(layer_ids)}
+        self.buf = torch.zeros(
+            len(layer_ids), self.allocator.num_slots, *state_shape, dtype=dtype, device=device
+        )
+
+    @property
+    def available(self) -> int:
+        return self.allocator.available
+
+    def slot_view(self) -> torch.Tensor:
+        """The pool as ``[slots, layers, state elements]`` for :func:`page_copy`."""
+        layers, slots = self.buf.shape[:2]
+        return self.buf.view(layers, slots, math.prod(self.state_shape)).transpose(0, 1)
+
+    def _layer(self, layer_id: int, slots: torch.Tensor) -> int:
+        if layer_id not in self._index:
+            raise ValueError(f"layer_id {layer_id} is not a recurrent (mamba) layer")
+        if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
+            raise ValueError("slots must be a 1-D int64 tensor")
+        return self._index[layer_id]
+
+    def get_state(self, layer_id: int, slots: torch.Tensor) -> torch.Tensor:
+        """The state ``[n, *state_shape]`` of layer ``layer_id`` at ``slots`` ``[n]``."""
+        return self.buf[self._layer(layer_id, slots), slots.to(self.buf.device)]
+
+    def set_state(self, layer_id: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Write ``x`` ``[n, *state_shape]`` as layer ``layer_id``'s state at ``slots`` ``[n]``."""
+        j = self._layer(layer_id, slots)
+        want = (slots.shape[0], *self.state_shape)
+        if tuple(x.shape) != want:
+            raise ValueError(f"x must have shape {want}, got {tuple(x.shape)}")
+        self.buf[j, slots.to(self.buf.device)] = x.to(self.buf.dtype)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's state of slots ``src`` into slots ``dst`` (one kernel call)."""
+        view = self.slot_view()
+        kernels.page_copy(view, view, src, dst, backend=self.backend)
+
+    def zero(self, slots: torch.Tensor) -> None:
+        """Reset ``slots`` to the initial (zero) state in every layer."""
+        self.buf[:, slots] = 0
