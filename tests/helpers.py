@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
+import queue
+import socket
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
@@ -56,3 +59,39 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert not bool((actual == POISON).any()), "an output element was never written"
     assert torch.equal(actual, expected), (actual, expected)
+
+
+def run_ranks(
+    worker: Callable[..., None], per_rank_args: list[tuple], timeout_s: float
+) -> dict[int, dict]:
+    """Run ``worker(rank, init_method, *per_rank_args[rank], results)`` on spawned ranks.
+
+    Each worker puts ``(rank, result_dict)`` on ``results``. A rank that hangs fails the
+    caller's assertion (it is killed), instead of blocking the test run.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    world = len(per_rank_args)
+    procs = [
+        ctx.Process(target=worker, args=(r, init_method, *per_rank_args[r], results))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    got: dict[int, dict] = {}
+    try:
+        for _ in range(world):
+            rank, res = results.get(timeout=timeout_s)
+            got[rank] = res
+    except queue.Empty:
+        pass
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert len(got) == world, f"ranks {sorted(set(range(world)) - set(got))} hung: {got}"
+    return got

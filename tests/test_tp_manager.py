@@ -12,10 +12,8 @@ process group has a timeout and the parent waits with one).
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import random
 import shutil
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_ranks
 
 from hybridkv import CacheConfig, MemoryManager, Request
 from hybridkv.sim.engine import FakeEngine
@@ -146,12 +145,6 @@ def _worker(rank: int, init_method: str, storage: Path, results: mp.Queue) -> No
         results.put((rank, {"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _populate(root: Path) -> tuple[Path, Path, int]:
     """Rank 0's directory: every page of every prefix, stored by an earlier manager. Rank 1's:
     the first half of each prefix's pages, one of them truncated. Returns both and how many
@@ -186,28 +179,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     """Run the same requests on two gloo ranks with unequal storage; every test reads it."""
     rich, poor, missing = _populate(tmp_path_factory.mktemp("tp"))
     assert missing > 0
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    dirs = [rich, poor]
-    procs = [
-        ctx.Process(target=_worker, args=(r, init_method, dirs[r], results)) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    got: dict[int, dict] = {}
-    try:
-        for _ in range(WORLD):
-            rank, res = results.get(timeout=RESULT_TIMEOUT_S)
-            got[rank] = res
-    except queue.Empty:
-        pass
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert len(got) == WORLD, f"ranks {sorted(set(range(WORLD)) - set(got))} hung"
+    got = run_ranks(_worker, [(rich,), (poor,)], RESULT_TIMEOUT_S)
     for rank, res in got.items():
         assert "error" not in res, f"rank {rank}: {res['error']}\n{res['tb']}"
     return got

@@ -7,25 +7,18 @@ the test: the process group has a short timeout and the parent joins with one.
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
-import socket
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
+from helpers import run_ranks
 
 from hybridkv.scheduler.tp import TPSync
 
 WORLD = 2
 PG_TIMEOUT_S = 20
 JOIN_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _script(rank: int, sync: TPSync) -> dict:
@@ -66,26 +59,7 @@ def _worker(rank: int, init_method: str, results: mp.Queue) -> None:
 
 
 def _run() -> dict[int, dict]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, init_method, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got: dict[int, dict] = {}
-    try:
-        for _ in range(WORLD):
-            rank, res = results.get(timeout=JOIN_TIMEOUT_S)
-            got[rank] = res
-    except queue.Empty:
-        pass
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert len(got) == WORLD, f"ranks {sorted(set(range(WORLD)) - set(got))} hung: {got}"
-    return got
+    return run_ranks(_worker, [(), ()], JOIN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

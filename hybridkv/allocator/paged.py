@@ -16,7 +16,34 @@ import torch
 from hybridkv import kernels
 
 
-class PagedAllocator:
+class FreeGroup:
+    """``with free_group():`` batches every ``free(slots)`` inside it into one call at its end;
+    an inner group joins the outer one. Subclasses queue in ``free`` via ``_grouped``."""
+
+    _group: list[torch.Tensor] | None = None
+
+    def _grouped(self, slots: torch.Tensor) -> bool:
+        """Queue ``slots`` if a group is open (the caller then frees nothing now)."""
+        if self._group is None:
+            return False
+        self._group.append(slots)
+        return True
+
+    @contextmanager
+    def free_group(self) -> Iterator[None]:
+        if self._group is not None:
+            yield
+            return
+        self._group = []
+        try:
+            yield
+        finally:
+            group, self._group = self._group, None
+            if group:
+                self.free(torch.cat(group))
+
+
+class PagedAllocator(FreeGroup):
     """Slots of one pool, handed out by pages.
 
     Args:
@@ -40,7 +67,6 @@ class PagedAllocator:
         self.backend = backend
         self._stack = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
         self._head = 0
-        self._group: list[torch.Tensor] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -118,8 +144,7 @@ class PagedAllocator:
         """Return the pages holding ``slots`` (whole pages: every slot of them is released)."""
         if slots.numel() == 0:
             return
-        if self._group is not None:
-            self._group.append(slots)
+        if self._grouped(slots):
             return
         self.free_pages(
             kernels.slots_to_pages(slots, self.page_size, self.num_pages, backend=self.backend)
@@ -133,21 +158,6 @@ class PagedAllocator:
         assert n <= self._head, "freeing more pages than are allocated"
         self._head -= n
         self._stack[self._head : self._head + n] = pages
-
-    @contextmanager
-    def free_group(self) -> Iterator[None]:
-        """Batch every ``free`` inside the block into one kernel call at its end (an inner
-        group joins the outer one)."""
-        if self._group is not None:
-            yield
-            return
-        self._group = []
-        try:
-            yield
-        finally:
-            group, self._group = self._group, None
-            if group:
-                self.free(torch.cat(group))
 
     def check(self) -> None:
         """Assert the free pages are distinct, in range and never page 0."""

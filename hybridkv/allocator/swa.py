@@ -8,16 +8,13 @@ slot and cleared by whole pages on free, so a free full page never maps anywhere
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from hybridkv import kernels
-from hybridkv.allocator.paged import PagedAllocator
+from hybridkv.allocator.paged import FreeGroup, PagedAllocator
 
 
-class SWAAllocator:
+class SWAAllocator(FreeGroup):
     """Full + SWA allocators and the map between them; ``None`` when either pool is short."""
 
     def __init__(
@@ -34,7 +31,6 @@ class SWAAllocator:
         self.full = PagedAllocator(full_tokens, page_size, device, backend)
         self.swa = PagedAllocator(swa_tokens, page_size, device, backend)
         self.full_to_swa = torch.zeros(self.full.num_slots, dtype=torch.int64, device=self.device)
-        self._group: list[torch.Tensor] | None = None
 
     @property
     def full_available(self) -> int:
@@ -82,8 +78,7 @@ class SWAAllocator:
         """Free whole full pages and the SWA pages they map to (tombstones map to none)."""
         if full_slots.numel() == 0:
             return
-        if self._group is not None:
-            self._group.append(full_slots)
+        if self._grouped(full_slots):
             return
         pages = kernels.slots_to_pages(
             full_slots, self.page_size, self.full.num_pages, backend=self.backend
@@ -141,21 +136,6 @@ class SWAAllocator:
         # NOTE: a page tombstoned before its release comes back as SWA page 0: never free it.
         self.swa.free_pages(freed[freed != 0])
         return new_released
-
-    @contextmanager
-    def free_group(self) -> Iterator[None]:
-        """Batch every ``free`` inside the block into one call at its end (an inner group
-        joins the outer one)."""
-        if self._group is not None:
-            yield
-            return
-        self._group = []
-        try:
-            yield
-        finally:
-            group, self._group = self._group, None
-            if group:
-                self.free(torch.cat(group))
 
     def check(self) -> None:
         """Assert both free lists and the map are consistent with each other."""
