@@ -119,9 +119,20 @@ class CacheConfig:
         return self.sliding_window if self.has_swa else None
 
     @property
-    def min_swa_tokens(self) -> int:
+    def swa_lock_step(self) -> int:
+        """How far (tokens, whole pages) a request's window slides over its cached prefix
+        before it stops pinning the prefix's SWA behind it: an eighth of the window, so a
+        prompt's last window is split into at most eight nodes."""
         ps = self.page_size
-        return (-(-max(self.sliding_window, ps) // ps) + 2) * ps
+        return max(1, -(-self.sliding_window // ps) // 8) * ps
+
+    @property
+    def min_swa_tokens(self) -> int:
+        """The smallest SWA pool one request always fits: its window (at least a page), a
+        page it decodes into, a page of alloc_extend slack and the lock's sliding step."""
+        ps = self.page_size
+        window_pages = -(-max(self.sliding_window, ps) // ps)
+        return (window_pages + 2) * ps + self.swa_lock_step - ps
 
     @property
     def host_swa_tokens(self) -> int:

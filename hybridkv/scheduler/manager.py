@@ -639,11 +639,14 @@ class MemoryManager:
             self.req_to_token, rows, seq, self.released_lens[rows], self.config.window
         )
         ps, reach = self.config.page_size, max(self.config.window, self.config.page_size)
+        step = self.config.swa_lock_step
         for req in reqs:
             lock = req.lock
             frontier = max(0, req.kv_len - reach)
-            frontier -= frontier % ps
-            if lock.swa_start < min(frontier, lock.node.end):
+            frontier = min(frontier - frontier % ps, lock.node.end)
+            if lock.swa_start < frontier and (
+                frontier == lock.node.end or frontier - lock.swa_start >= step
+            ):
                 # NOTE: the request's window slides over its cached prefix: stop pinning the
                 # prefix's SWA KV behind it (the tree may tombstone it), as its own is released.
                 req.lock = self.tree.inc_lock(lock.node, frontier)
