@@ -642,6 +642,8 @@ class MemoryManager:
         step = self.config.swa_lock_step
         for req in reqs:
             lock = req.lock
+            if lock.swa_start >= lock.node.end:
+                continue  # pins no SWA any more
             frontier = max(0, req.kv_len - reach)
             frontier = min(frontier - frontier % ps, lock.node.end)
             if lock.swa_start < frontier and (
