@@ -67,6 +67,11 @@ class CacheConfig:
         if not _is_int(self.state_slots) or self.state_slots < 0:
             raise ValueError(f"state_slots must be a non-negative int, got {self.state_slots!r}")
         if self.mamba_layer_ids:
+            if self.storage is not None:
+                raise ValueError(
+                    "storage does not hold recurrent-state snapshots yet: a model with "
+                    "mamba_layer_ids could never use a prefix read from it"
+                )
             if not self.state_shape or any(d < 1 for d in self.state_shape):
                 raise ValueError("state_shape must be a non-empty shape of positive ints")
             if self.state_slots < 3:

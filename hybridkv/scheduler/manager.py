@@ -141,6 +141,7 @@ class MemoryManager:
         self._chunked: _Req | None = None
         self._pending: StepPlan | None = None
         self._pending_reqs: list[_Req] = []  # the pending plan's requests, in its order
+        self._in_flight_states: list[int] = []  # working slots of aborted in-flight requests
         self._arrivals = 0
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -218,7 +219,7 @@ class MemoryManager:
         if req.row < 0:
             self._waiting.remove(req)
         else:
-            self._release(req)
+            self._release(req, in_flight=any(r is req for r in self._pending_reqs))
             self._running.pop(rid, None)
             if self._chunked is req:
                 self._chunked = None
@@ -247,6 +248,10 @@ class MemoryManager:
             # must not write them before the backup copy has read them.
             self.tree.host.transfers.wait()
         plan = self._schedule_prefill() or self._schedule_decode()
+        if self.tree.host is not None:
+            # NOTE: and after every copy issued while planning (write-back backups of pages
+            # this plan may reuse): the engine's forward must come after them.
+            self.tree.host.transfers.wait()
         self._pending = plan
         self._pending_reqs = [] if plan is None else [self._reqs[r.rid] for r in plan.reqs]
         return plan
@@ -293,6 +298,10 @@ class MemoryManager:
                 del self._reqs[req.rid]
         self._pending = None
         self._pending_reqs = []
+        if self._in_flight_states:
+            device = self.states.buf.device
+            self.states.allocator.free_pages(torch.tensor(self._in_flight_states, device=device))
+            self._in_flight_states = []
         return [req.rid for req in finished]
 
     # ---------------------------------------------------------------- prefill
@@ -378,7 +387,9 @@ class MemoryManager:
             prefix_len = match.length + match.host_hit_length
             req.lock, req.kv_len = lock, prefix_len
             held = self._swa_held(req)
-            match.last_host_node.state_lock += 1  # its snapshot seeds the working state
+            seed = match.last_host_node if self.states is not None else None
+            if seed is not None:
+                seed.state_lock += 1  # its snapshot seeds the working state
             chunk = adder.admit(
                 self._rooms(),
                 prefix_len,
@@ -389,7 +400,8 @@ class MemoryManager:
                 new=True,
             )
             if chunk == 0:
-                match.last_host_node.state_lock -= 1
+                if seed is not None:
+                    seed.state_lock -= 1
                 self.tree.pin_host(match.last_host_node, load_start, -1)
                 self.tree.dec_lock(lock)
                 req.lock, req.kv_len = None, 0
@@ -525,6 +537,10 @@ class MemoryManager:
                 fresh.append(slot)
             end.state_lock -= 1
         device = self.states.buf.device
+        if self.tree.host is not None:
+            # NOTE: snapshots just loaded back, and freed slots just backed up, are read and
+            # overwritten on this stream: after those side-stream copies.
+            self.tree.host.transfers.wait()
         if src:
             self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
         if fresh:
@@ -690,8 +706,12 @@ class MemoryManager:
         if self.states is not None and req.kv_len == aligned:
             self.tree.attach_state(node, req.state_slot)
 
-    def _release(self, req: _Req) -> None:
-        """Give a request's KV to the tree (whole pages), free the rest, unlock, free its row."""
+    def _release(self, req: _Req, in_flight: bool = False) -> None:
+        """Give a request's KV to the tree (whole pages), free the rest, unlock, free its row.
+
+        ``in_flight``: the request is in the pending plan (aborted before commit), so the
+        engine may be writing its working state slot now.
+        """
         ps = self.config.page_size
         aligned = req.kv_len - req.kv_len % ps
         slots = self.req_to_token[req.row, : req.alloc_len].long()
@@ -704,7 +724,7 @@ class MemoryManager:
                 )
             self.allocator.free(slots[max(aligned, req.cached_len) :])
         if self.states is not None:
-            self._release_states(req, node, aligned)
+            self._release_states(req, node, aligned, in_flight)
         assert req.lock is not None
         self.tree.dec_lock(req.lock)
         req.lock = None
@@ -727,18 +747,30 @@ class MemoryManager:
             device = self.states.buf.device
             self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
 
-    def _release_states(self, req: _Req, node: Node, end: int) -> None:
+    def _release_states(self, req: _Req, node: Node, end: int, in_flight: bool) -> None:
         """Leave the state after ``end`` tokens to ``node`` (ending there) if the request has
-        it, and free its working and snapshot slots."""
-        working = req.state_slot
-        if req.kv_len == end:
-            self.tree.attach_state(node, working)
-        elif req.snapshot is not None and req.snapshot[0] == end:
-            self.tree.attach_state(node, req.snapshot[1], owned=True)
-            req.snapshot = None
-        held = [working] + ([req.snapshot[1]] if req.snapshot is not None else [])
-        self.states.allocator.free_pages(torch.tensor(held, device=self.states.buf.device))
+        it, and free its working and snapshot slots.
+
+        NOTE: an in-flight request's working slot may hold the state before or after the
+        engine's forward of the pending step: it is neither snapshotted nor reused until
+        the plan is committed.
+        """
+        working, snapshot = req.state_slot, req.snapshot
         req.state_slot, req.snapshot = -1, None
+        free, attached = [], False
+        if in_flight:
+            self._in_flight_states.append(working)
+        elif req.kv_len == end:
+            attached = self.tree.attach_state(node, working, owned=True)  # hands it over
+        else:
+            free.append(working)
+        if snapshot is not None:
+            if snapshot[0] == end and not attached:
+                self.tree.attach_state(node, snapshot[1], owned=True)
+            else:
+                free.append(snapshot[1])
+        if free:
+            self.states.allocator.free_pages(torch.tensor(free, device=self.states.buf.device))
 
     # ---------------------------------------------------------------- introspection
 
@@ -785,11 +817,13 @@ class MemoryManager:
         for node in self.tree._nodes():
             assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
             assert node.host_lock == 0, "a host copy pinned between steps"
+            assert node.state_lock == 0, "a snapshot pinned between steps"
         for req in self._waiting:
             assert req.row < 0 and req.lock is None and req.kv_len == 0
         assert len(self._free_rows) + len(active) == self.config.max_running_requests
         if self.states is not None:
             held = self.tree._check_states()
+            held += self._in_flight_states
             for req in active:
                 held.append(req.state_slot)
                 if req.snapshot is not None:
@@ -811,6 +845,8 @@ class MemoryManager:
         self._running.clear()
         self._chunked = None
         self._pending = None
+        self._pending_reqs = []
+        self._in_flight_states = []
 
 
 def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:

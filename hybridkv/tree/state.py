@@ -44,8 +44,10 @@ class StateMixin:
     def alloc_state(self) -> int | None:
         """One state slot, evicting the least recently used snapshot if none is free."""
         states = self.states
-        if states.allocator.free_page_count == 0:
-            self.evict_states(1)
+        if states.allocator.free_page_count == 0 and self.evict_states(1) and self.host:
+            # NOTE: the victim may have been backed up on the side stream just now: the slot
+            # is overwritten on the engine's stream, after that copy.
+            self.host.transfers.wait()
         got = states.allocator.alloc_pages(1)
         return None if got is None else int(got[0])
 
@@ -77,6 +79,7 @@ class StateMixin:
         nodes = [n for n in nodes if n.state is not None and n.host_state is None and n.on_host]
         if host is None or host.state is None or not nodes:
             return
+        self._evict_host_states(len(nodes) - host.state.allocator.free_page_count, nodes)
         if host.state.allocator.free_page_count < len(nodes):
             nodes = nodes[: host.state.allocator.free_page_count]
         if not nodes:
@@ -86,6 +89,24 @@ class StateMixin:
             got = host.state.backup(self.states.slot_view(), _t([n.state for n in nodes], device))
         for n, slot in zip(nodes, got.tolist(), strict=True):
             n.host_state = slot
+
+    def _evict_host_states(self, count: int, keep: list[Node]) -> None:
+        """Drop at least ``count`` host snapshots, least recently used first (their nodes keep
+        their KV), never one pinned or in ``keep``."""
+        if count <= 0:
+            return
+        skip = {n.uid for n in keep}
+        victims = [
+            n
+            for n in self._nodes()
+            if n.host_state is not None and not n.host_lock and n.uid not in skip
+        ]
+        victims.sort(key=lambda n: (n.last_access, n.uid))
+        victims = victims[:count]
+        if victims:
+            self.host.state.free(torch.tensor([n.host_state for n in victims]))
+        for n in victims:
+            n.host_state = None
 
     def load_state(self, node: Node) -> bool:
         """Bring ``node``'s snapshot back from host if it is only there; False if no slot."""
@@ -110,4 +131,10 @@ class StateMixin:
         for n in self._nodes():
             assert n.state_lock >= 0
             assert n.host_state is None or n.on_host, "a host snapshot of a node not on host"
+        if self.host is not None and self.host.state is not None:
+            pool = self.host.state.allocator
+            host_held = [n.host_state for n in self._nodes() if n.host_state is not None]
+            pages = torch.cat([pool.free_pages_view(), torch.tensor(host_held, dtype=torch.int64)])
+            count = torch.bincount(pages, minlength=pool.num_pages)
+            assert int(count[0]) == 0 and bool((count[1:] == 1).all()), "host state slots lost"
         return held
