@@ -31,7 +31,7 @@ from workloads import (
 
 import hybridkv.kernels as kernels_mod
 from hybridkv import CacheConfig, MemoryManager, Request, StepPlan
-from hybridkv.scheduler import manager as manager_mod
+from hybridkv.scheduler import prefill as prefill_mod
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.cost import Cost, cost
 from hybridkv.sim.engine import FakeEngine, _Seq
@@ -499,7 +499,7 @@ def test_admission_never_takes_more_state_slots_than_charged(
             recorded.append(self)
 
     rng = random.Random(seed)
-    with mock.patch.object(manager_mod, "PrefillAdder", Recording):
+    with mock.patch.object(prefill_mod, "PrefillAdder", Recording):
         d = _AuditDriver(MemoryManager(cfg), recorded)
         arrivals = random_mix(rng, n, prompt_len=(1, 24), prefix_len=(1, 24), steps=10)
         d.run(arrivals, chat_sessions(rng, 1, turns=(2, 3)))
