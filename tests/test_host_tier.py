@@ -445,8 +445,6 @@ def test_kv_integrity_with_host_tier(policy: str, swa_tokens: int, page_size: in
     check() holds after every step, and prefixes come back from host by load back."""
     cfg = config(write_policy=policy, page_size=page_size, full_tokens=160, swa_tokens=swa_tokens)
     d = Driver(cfg)
-    # NOTE: mixed_workload(1) with write_through and page 4 stalls on the over-counted
-    # swa_host_hit_length (see test_host_hit_never_makes_a_fitting_request_wait_for_ever).
     d.run(mixed_workload(4))
     st = d.mm.stats()
     assert st["evicted_full_tokens"] > 0 and st["backed_up_tokens"] > 0
@@ -455,6 +453,22 @@ def test_kv_integrity_with_host_tier(policy: str, swa_tokens: int, page_size: in
     assert sum(r.loaded_len for p in d.plans for r in p.reqs) == st["host_hit_tokens"]
     assert any(swa for _, _, swa in d.matches), "some window SWA was on host only"
     d.mm.close()
+
+
+def test_layer_by_layer_load_back_moves_the_same_kv() -> None:
+    """The CUDA load back, one copy per layer (forced here on CPU), plans and loads exactly
+    what one copy per pool does, with exact KV."""
+    cfg = config(write_policy="write_through", page_size=4, full_tokens=160, swa_tokens=64)
+    runs = []
+    for per_layer in (False, True):
+        d = Driver(cfg)
+        d.mm.tree.host.transfers.per_layer = per_layer
+        d.run(mixed_workload(4))
+        plans = [[tuple(r) for r in p.reqs] + p.out_cache_loc.tolist() for p in d.plans]
+        runs.append((plans, d.mm.stats()))
+        d.mm.close()
+    assert runs[0] == runs[1]
+    assert runs[1][1]["loaded_tokens"] > 0
 
 
 def test_kv_integrity_with_storage(tmp_path: Path) -> None:

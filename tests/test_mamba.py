@@ -625,45 +625,46 @@ def test_state_access_rejects_wrong_layer_or_shape() -> None:
 @contextlib.contextmanager
 def slow_side_stream() -> Iterator[None]:
     """Model a CUDA side stream that is arbitrarily slow, on CPU: a copy issued inside
-    ``Transfers.side_stream()`` lands only at the next ``Transfers.wait()`` / ``flush()``.
-    CUDA allows exactly this schedule: main-stream work issued after a side-stream copy is not
-    ordered against it until the main stream waits for the side stream's event."""
-    queue: list[tuple[tuple, dict]] = []
-    deferring = [False]
-    real_copy, real_wait, real_flush = kernels_mod.page_copy, Transfers.wait, Transfers.flush
+    ``Transfers.side_stream()`` lands only when the engine's stream waits for it:
+    ``wait_backups()`` lands the queue up to the last backup (stream order), ``wait()`` and
+    ``flush()`` land it all. CUDA allows exactly this schedule: main-stream work issued after
+    a side-stream copy is not ordered against it until the main stream waits for its event."""
+    queue: list[tuple[tuple, dict, bool]] = []
+    deferring: list[bool | None] = [None]  # None: not in a side-stream block; else: a backup?
+    real_copy = kernels_mod.page_copy
 
     def page_copy(*args: object, **kw: object) -> None:
-        if deferring[0]:
-            queue.append((args, kw))
-        else:
+        if deferring[0] is None:
             real_copy(*args, **kw)
+        else:
+            queue.append((args, kw, deferring[0]))
 
     @contextlib.contextmanager
-    def side_stream(self: Transfers) -> Iterator[None]:
-        deferring[0] = True
+    def side_stream(self: Transfers, backup: bool) -> Iterator[None]:
+        deferring[0] = backup
         try:
             yield
         finally:
-            deferring[0] = False
+            deferring[0] = None
 
-    def land() -> None:
-        while queue:
-            args, kw = queue.pop(0)
+    def land(count: int) -> None:
+        for _ in range(count):
+            args, kw, _ = queue.pop(0)
             real_copy(*args, **kw)
 
-    def wait(self: Transfers) -> None:
-        land()
-        real_wait(self)
+    def wait_backups(self: Transfers) -> None:
+        backups = [i for i, (_, _, backup) in enumerate(queue) if backup]
+        land(backups[-1] + 1 if backups else 0)
 
-    def flush(self: Transfers) -> None:
-        land()
-        real_flush(self)
+    def wait(self: Transfers, layer_id: int | None = None) -> None:
+        land(len(queue))
 
     with (
         mock.patch.object(kernels_mod, "page_copy", page_copy),
         mock.patch.object(Transfers, "side_stream", side_stream),
+        mock.patch.object(Transfers, "wait_backups", wait_backups),
         mock.patch.object(Transfers, "wait", wait),
-        mock.patch.object(Transfers, "flush", flush),
+        mock.patch.object(Transfers, "flush", wait),
     ):
         yield
 

@@ -55,11 +55,17 @@ class HostPool:
         return host_pages
 
     def load(
-        self, device_view: torch.Tensor, host_pages: torch.Tensor, device_pages: torch.Tensor
+        self,
+        device_view: torch.Tensor,
+        host_pages: torch.Tensor,
+        device_pages: torch.Tensor,
+        chunks: slice = slice(None),
     ) -> None:
-        """Copy ``host_pages`` back into ``device_pages`` of ``device_view``."""
+        """Copy ``host_pages`` back into ``device_pages`` of ``device_view`` (only ``chunks``
+        of each page, e.g. one layer's K and V)."""
+        device_view = device_view[:, chunks]
         kernels.page_copy(
-            self.buf,
+            self.buf[:, chunks],
             device_view,
             host_pages.to(device_pages.device),
             device_pages,

@@ -90,6 +90,11 @@ class KVPool:
         buf, j, slots = self._locate(layer_id, full_slots)
         return buf[2 * j, slots], buf[2 * j + 1, slots]
 
+    def layers(self) -> list[tuple[int, bool, int]]:
+        """``(layer_id, is_swa, index)`` of every attention layer; its K and V are chunks
+        ``2 * index`` and ``2 * index + 1`` of its pool's :meth:`page_view`."""
+        return [(lid, swa, j) for lid, (swa, j) in sorted(self._where.items())]
+
     def page_view(self, swa: bool) -> torch.Tensor:
         """The pool as ``[pages, 2 * layers, page_size * heads * dim]`` for :func:`page_copy`."""
         buf = self.swa_buf if swa else self.full_buf

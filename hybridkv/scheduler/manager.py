@@ -204,12 +204,12 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
         if self.tree.host is not None:
             # NOTE: pages freed after a backup may be handed out now: the engine's stream
             # must not write them before the backup copy has read them.
-            self.tree.host.transfers.wait()
+            self.tree.host.transfers.wait_backups()
         plan = self._schedule_prefill() or self._schedule_decode()
         if self.tree.host is not None:
             # NOTE: and after every copy issued while planning (write-back backups of pages
             # this plan may reuse): the engine's forward must come after them.
-            self.tree.host.transfers.wait()
+            self.tree.host.transfers.wait_backups()
         self._pending = plan
         self._pending_reqs = [] if plan is None else [self._reqs[r.rid] for r in plan.reqs]
         return plan

@@ -67,8 +67,8 @@ class StepPlan:
         """Make the engine's stream wait until this plan's load-backs (of ``layer_id``, or
         all) have landed; call it before attention reads the prefix.
 
-        Every layer's pages land with one copy per pool, so a layer waits for all of them.
-        On CPU copies are synchronous and there is nothing to wait for.
+        On CUDA a load back goes layer by layer, so attention of early layers can overlap the
+        copies of later ones; on CPU copies are synchronous and there is nothing to wait for.
         """
         if self.transfers is not None:
-            self.transfers.wait()
+            self.transfers.wait(layer_id)

@@ -58,6 +58,7 @@ class FakeEngine:
         plan = self.mm.schedule()
         if plan is None:
             return None, []
+        plan.wait()  # before attention reads the prefix: load backs land first
         if self.verify:
             for sreq in plan.reqs:
                 self._verify_prefix(sreq.rid, sreq.extend_start)

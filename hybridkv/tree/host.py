@@ -23,14 +23,24 @@ WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
 
 
 class Transfers:
-    """Orders host<->device copies on a side stream against the engine's stream."""
+    """Orders host<->device copies on a side stream against the engine's stream.
+
+    Backups (device -> host) and load backs (host -> device) are told apart: the engine's
+    stream waits for backups before anything can overwrite a page they read, and for a
+    layer's load back only before that layer's attention reads it. On CUDA a load back goes
+    layer by layer (``per_layer``), so attention can start while later layers still load;
+    on CPU copies are synchronous and one copy per pool does.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._event: torch.cuda.Event | None = None
+        self.per_layer = self.stream is not None
+        self._backed_up: torch.cuda.Event | None = None  # the last device->host copy
+        self._loaded: dict[int, torch.cuda.Event] = {}  # per layer: its last load back
+        self._last: torch.cuda.Event | None = None  # the last copy of any kind
 
     @contextmanager
-    def side_stream(self) -> Iterator[None]:
+    def side_stream(self, backup: bool) -> Iterator[None]:
         """Run the block's copies after everything already queued, on the side stream."""
         if self.stream is None:
             yield
@@ -38,18 +48,36 @@ class Transfers:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             yield
-            self._event = torch.cuda.Event()
-            self._event.record()
+            self._last = self._record()
+            if backup:
+                self._backed_up = self._last
 
-    def wait(self) -> None:
-        """Make the engine's stream wait for every copy issued so far."""
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
+    def layer_loaded(self, layer_id: int) -> None:
+        """Inside a load back's ``side_stream``: every copy issued so far loads ``layer_id``."""
+        if self.stream is not None:
+            self._loaded[layer_id] = self._record()
+
+    def wait_backups(self) -> None:
+        """Make the engine's stream wait for every backup issued so far."""
+        if self._backed_up is not None:
+            torch.cuda.current_stream().wait_event(self._backed_up)
+
+    def wait(self, layer_id: int | None = None) -> None:
+        """Make the engine's stream wait for ``layer_id``'s load back (None: every copy)."""
+        event = self._last if layer_id is None else self._loaded.get(layer_id, self._last)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
     def flush(self) -> None:
         """Block the host until every copy issued so far has landed."""
         if self.stream is not None:
             self.stream.synchronize()
+
+    @staticmethod
+    def _record() -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 @dataclass
@@ -122,7 +150,7 @@ class HostMixin:
             full_left, swa_left = full_left - len(n), swa_left - swa_n
         if not fits:
             return 0
-        with host.transfers.side_stream():
+        with host.transfers.side_stream(backup=True):
             dev_pages = torch.cat([_pages(n.full, ps) for n in fits])
             host_pages = host.full.backup(host.kv.page_view(False), dev_pages)
             assert host_pages is not None
@@ -293,13 +321,21 @@ class HostMixin:
         dev_pages = alloc.full.alloc_pages(n_full)
         swa_pages = alloc.swa.alloc_pages(n_swa)
         assert dev_pages is not None and swa_pages is not None, "load back without room"
-        with host.transfers.side_stream():
-            if n_full:
-                host_pages = torch.cat([_pages(n.host_full, ps) for n in full_nodes])
-                host.full.load(host.kv.page_view(False), host_pages, dev_pages)
-            if n_swa:
-                host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes])
-                host.swa.load(host.kv.page_view(True), host_swa, swa_pages)
+        host_full = torch.cat([_pages(n.host_full, ps) for n in full_nodes]) if n_full else None
+        host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes]) if n_swa else None
+        views = {False: host.kv.page_view(False), True: host.kv.page_view(True)}
+        loads = {False: (host.full, host_full, dev_pages), True: (host.swa, host_swa, swa_pages)}
+        with host.transfers.side_stream(backup=False):
+            if host.transfers.per_layer:
+                for layer_id, swa, j in host.kv.layers():
+                    pool, src, dst = loads[swa]
+                    if src is not None:
+                        pool.load(views[swa], src, dst, chunks=slice(2 * j, 2 * j + 2))
+                    host.transfers.layer_loaded(layer_id)
+            else:
+                for swa, (pool, src, dst) in loads.items():
+                    if src is not None:
+                        pool.load(views[swa], src, dst)
         offset = 0
         for n in full_nodes:
             k = len(n) // ps

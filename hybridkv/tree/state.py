@@ -47,7 +47,7 @@ class StateMixin:
         if states.allocator.free_page_count == 0 and self.evict_states(1) and self.host:
             # NOTE: the victim may have been backed up on the side stream just now: the slot
             # is overwritten on the engine's stream, after that copy.
-            self.host.transfers.wait()
+            self.host.transfers.wait_backups()
         got = states.allocator.alloc_pages(1)
         return None if got is None else int(got[0])
 
@@ -85,7 +85,7 @@ class StateMixin:
         if not nodes:
             return
         device = self.states.buf.device
-        with host.transfers.side_stream():
+        with host.transfers.side_stream(backup=True):
             got = host.state.backup(self.states.slot_view(), _t([n.state for n in nodes], device))
         for n, slot in zip(nodes, got.tolist(), strict=True):
             n.host_state = slot
@@ -116,7 +116,7 @@ class StateMixin:
         if got is None:
             return False
         device = self.states.buf.device
-        with self.host.transfers.side_stream():
+        with self.host.transfers.side_stream(backup=False):
             self.host.state.load(
                 self.states.slot_view(), _t([node.host_state], "cpu"), _t([got], device)
             )
