@@ -65,6 +65,17 @@ def check_same_len(names: tuple[str, ...], *tensors: torch.Tensor) -> int:
     return n
 
 
+def check_rows(req_pool_indices: torch.Tensor, rows: int, *, distinct: bool) -> None:
+    """Raise ``ValueError`` unless every index is a row of a ``rows``-row table (and, for a
+    kernel that writes rows, no row appears twice)."""
+    if not req_pool_indices.numel():
+        return
+    if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
+        raise ValueError(f"req_pool_indices must lie in [0, {rows})")
+    if distinct and torch.unique(req_pool_indices).numel() != req_pool_indices.numel():
+        raise ValueError("req_pool_indices must be distinct")
+
+
 def check_page_size(page_size: object) -> int:
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
         raise ValueError(f"page_size must be a positive int, got {page_size!r}")

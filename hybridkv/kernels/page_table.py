@@ -25,6 +25,7 @@ from hybridkv.kernels._common import (
     ceil_div,
     check_nonnegative,
     check_page_size,
+    check_rows,
     check_same_len,
     check_tensor,
     exclusive_cumsum,
@@ -169,9 +170,8 @@ def page_table(
     page_size = check_page_size(page_size)
     backend = resolve_backend(backend, device)
     rows, max_context = req_to_token.shape
+    check_rows(req_pool_indices, rows, distinct=False)
     if req_pool_indices.numel():
-        if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
-            raise ValueError(f"req_pool_indices must lie in [0, {rows})")
         if bool((seq_lens > max_context).any()):
             raise ValueError(f"seq_lens must be <= max_context = {max_context}")
         if bool((kv_starts > seq_lens).any()):

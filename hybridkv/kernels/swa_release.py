@@ -24,6 +24,7 @@ import triton.language as tl
 from hybridkv.kernels._common import (
     check_nonnegative,
     check_page_size,
+    check_rows,
     check_same_len,
     check_tensor,
     exclusive_cumsum,
@@ -176,11 +177,7 @@ def swa_release(
     page_size = check_page_size(page_size)
     backend = resolve_backend(backend, device)
     rows, max_context = req_to_token.shape
-    if req_pool_indices.numel():
-        if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
-            raise ValueError(f"req_pool_indices must lie in [0, {rows})")
-        if torch.unique(req_pool_indices).numel() != req_pool_indices.numel():
-            raise ValueError("req_pool_indices must be distinct")
+    check_rows(req_pool_indices, rows, distinct=True)
     check_nonnegative("seq_lens", seq_lens)
     if seq_lens.numel() and bool((seq_lens > max_context).any()):
         raise ValueError(f"seq_lens must be <= max_context = {max_context}")

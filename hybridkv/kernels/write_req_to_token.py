@@ -19,6 +19,7 @@ import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_nonnegative,
+    check_rows,
     check_same_len,
     check_tensor,
     exclusive_cumsum,
@@ -160,11 +161,8 @@ def write_req_to_token(
         raise ValueError(
             f"new_slots has {new_slots.numel()} slots, sum(extend_lens) is {int(extend_lens.sum())}"
         )
+    check_rows(req_pool_indices, rows, distinct=True)
     if req_pool_indices.numel():
-        if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
-            raise ValueError(f"req_pool_indices must lie in [0, {rows})")
-        if torch.unique(req_pool_indices).numel() != req_pool_indices.numel():
-            raise ValueError("req_pool_indices must be distinct")
         if bool((extend_starts < prefix_lens).any()):
             raise ValueError("extend_starts must be >= prefix_lens")
         if bool((extend_starts + extend_lens > max_context).any()):
