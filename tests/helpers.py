@@ -8,9 +8,12 @@ import queue
 import socket
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 POISON = -7777
@@ -95,3 +98,82 @@ def run_ranks(
             p.join()
     assert len(got) == world, f"ranks {sorted(set(range(world)) - set(got))} hung: {got}"
     return got
+
+
+@dataclass
+class SyncCount:
+    """What :func:`count_syncs` saw: ``syncs`` names each op that waits for the device to
+    know its result on the host; ``ops`` counts every aten op."""
+
+    syncs: list[str] = field(default_factory=list)
+    ops: int = 0
+
+
+_SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select")
+_SYNC_PREFIXES = ("aten.unique", "aten._unique", "aten.equal")
+
+
+def _has_bool_index(indices: object) -> bool:
+    items = indices if isinstance(indices, (list, tuple)) else [indices]
+    return any(
+        isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in items
+    )
+
+
+def _on_cpu(device: object) -> bool:
+    return device is not None and torch.device(device).type == "cpu"  # type: ignore[arg-type]
+
+
+def _is_sync(name: str, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """True for an op that needs the device's result on the host (whatever device runs it:
+    on CPU the same op would sync on a GPU)."""
+    if name.startswith(_SYNC_OPS) or name.startswith(_SYNC_PREFIXES):
+        return True
+    if name.startswith(("aten.index.", "aten.index_put", "aten._index_put_impl")):
+        return len(args) > 1 and _has_bool_index(args[1])
+    if name.startswith("aten.repeat_interleave.Tensor"):
+        return kwargs.get("output_size") is None
+    if name.startswith("aten.copy_"):
+        dst, src = args[0], args[1]
+        return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+    if name.startswith("aten._to_copy"):
+        src = args[0]
+        return src.device.type != "cpu" and _on_cpu(kwargs.get("device"))
+    return False
+
+
+class _SyncCounter(TorchDispatchMode):
+    def __init__(self, count: SyncCount) -> None:
+        super().__init__()
+        self.count = count
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = str(func)
+        self.count.ops += 1
+        if _is_sync(name, args, kwargs):
+            self.count.syncs.append(name)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_syncs() -> Iterator[SyncCount]:
+    """Count aten ops and device->host syncs inside the block.
+
+    A sync is ``_local_scalar_dense``/``item`` (``int()``, ``bool()``, ``.item()``),
+    ``nonzero``, ``unique*``, ``masked_select``, ``equal``, indexing or ``index_put`` with a
+    bool mask, ``repeat_interleave`` without ``output_size``, a copy from a non-CPU tensor to
+    the CPU, and ``Tensor.tolist`` (which reads CPU memory without the dispatcher, so it is
+    patched). Ops on CPU count too: they are the ones that would sync on a GPU.
+    """
+    count = SyncCount()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self: torch.Tensor) -> Any:
+        count.syncs.append("Tensor.tolist")
+        return real_tolist(self)
+
+    with mock.patch.object(torch.Tensor, "tolist", tolist), _SyncCounter(count):
+        yield count

@@ -1,4 +1,11 @@
-"""Backend resolution and argument checks shared by every kernel launcher."""
+"""Backend resolution, the debug switch and argument checks shared by every kernel launcher.
+
+Checks come in two kinds. Metadata checks (dtype, device, rank, contiguity, lengths, Python
+ints) read no tensor data and always run. Value checks (ranges, distinct rows, sums) need a
+device->host sync, which drains the stream on a GPU; they run only in debug mode, which
+``HYBRIDKV_DEBUG`` (anything but ``""``/``"0"``) turns on at import and :func:`set_debug`
+flips at run time. The test suite runs in debug mode.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,19 @@ import os
 import torch
 
 BACKENDS = ("triton", "torch")
+
+_debug = os.environ.get("HYBRIDKV_DEBUG", "") not in ("", "0")
+
+
+def debug_enabled() -> bool:
+    """True when launchers run their sync-needing value checks."""
+    return _debug
+
+
+def set_debug(on: bool) -> None:
+    """Turn the sync-needing value checks of every launcher on or off."""
+    global _debug
+    _debug = bool(on)
 
 
 def interpreter_on() -> bool:
@@ -67,8 +87,8 @@ def check_same_len(names: tuple[str, ...], *tensors: torch.Tensor) -> int:
 
 def check_rows(req_pool_indices: torch.Tensor, rows: int, *, distinct: bool) -> None:
     """Raise ``ValueError`` unless every index is a row of a ``rows``-row table (and, for a
-    kernel that writes rows, no row appears twice)."""
-    if not req_pool_indices.numel():
+    kernel that writes rows, no row appears twice). Debug mode only: it syncs."""
+    if not _debug or not req_pool_indices.numel():
         return
     if bool(((req_pool_indices < 0) | (req_pool_indices >= rows)).any()):
         raise ValueError(f"req_pool_indices must lie in [0, {rows})")
@@ -83,8 +103,32 @@ def check_page_size(page_size: object) -> int:
 
 
 def check_nonnegative(name: str, t: torch.Tensor) -> None:
-    if t.numel() and bool((t < 0).any()):
+    """Raise ``ValueError`` naming ``name`` if any element is negative (debug mode only)."""
+    if _debug and t.numel() and bool((t < 0).any()):
         raise ValueError(f"{name} must be non-negative")
+
+
+def check_count(name: str, count: object) -> int | None:
+    """``None``, or ``count`` as a non-negative Python int (else ``ValueError``)."""
+    if count is None:
+        return None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {count!r}")
+    return count
+
+
+def host_count(name: str, given: int | None, total: torch.Tensor) -> int:
+    """The host-side value of the 0-D tensor ``total``.
+
+    ``given`` (a caller's host-known count) is returned without reading ``total``, except in
+    debug mode, where a mismatch is a ``ValueError`` naming ``name``. ``None`` reads
+    ``total``: one device->host sync.
+    """
+    if given is None:
+        return int(total)
+    if _debug and int(total) != given:
+        raise ValueError(f"{name} = {given} does not match the inputs, which give {int(total)}")
+    return given
 
 
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,13 @@ import triton
 import triton.language as tl
 
 from hybridkv.kernels._common import (
+    check_count,
     check_page_size,
     check_same_len,
     check_tensor,
+    debug_enabled,
     exclusive_cumsum,
+    host_count,
     resolve_backend,
 )
 
@@ -78,13 +81,24 @@ def alloc_decode_reference(
     last_loc: torch.Tensor,
     free_pages: torch.Tensor,
     page_size: int,
+    *,
+    num_new_pages: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Torch reference of :func:`alloc_decode` (same signature, no checks)."""
+    """Torch reference of :func:`alloc_decode` (same signature, no checks).
+
+    Sync-free when ``num_new_pages`` is given: the new-page requests take
+    ``free_pages[cumsum(new_page) - 1]``, a gather that every request does and only the
+    new-page ones keep.
+    """
     new_page = (seq_lens - 1) % page_size == 0
-    out = last_loc + 1
-    num_new_pages = int(new_page.sum())
-    out[new_page] = free_pages[:num_new_pages] * page_size
-    return out, num_new_pages
+    if num_new_pages is None:
+        num_new_pages = int(new_page.sum())
+    if num_new_pages == 0:
+        return last_loc + 1, 0
+    # NOTE: before the batch's first new page the index is -1, which wraps to the last page;
+    # torch.where drops it (free_pages is non-empty here).
+    page = free_pages[torch.cumsum(new_page, 0) - 1]
+    return torch.where(new_page, page * page_size, last_loc + 1), num_new_pages
 
 
 def alloc_decode(
@@ -93,6 +107,7 @@ def alloc_decode(
     free_pages: torch.Tensor,
     page_size: int,
     *,
+    num_new_pages: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Allocate the slot of position ``seq_lens[i] - 1`` of every request.
@@ -104,6 +119,9 @@ def alloc_decode(
         free_pages: int64 ``[>= num_new_pages]``; pages are taken from its front, in request
             order.
         page_size: tokens per page.
+        num_new_pages: how many requests start a page, when the caller knows it (from its
+            host-side lengths): then no device->host sync happens (outside debug mode, which
+            checks it). ``None`` counts them on the device and syncs.
 
     Returns:
         ``(out_slots, num_new_pages)``: int64 ``[batch]`` and how many pages of ``free_pages``
@@ -117,19 +135,26 @@ def alloc_decode(
     check_tensor("free_pages", free_pages, dtype=torch.int64, ndim=1, device=device)
     check_same_len(("seq_lens", "last_loc"), seq_lens, last_loc)
     page_size = check_page_size(page_size)
+    num_new_pages = check_count("num_new_pages", num_new_pages)
     backend = resolve_backend(backend, device)
-    if seq_lens.numel() and bool((seq_lens < 1).any()):
-        raise ValueError("seq_lens must be >= 1 (they count the token being decoded)")
-    new_page = (seq_lens - 1) % page_size == 0
-    if bool((~new_page & (last_loc % page_size != (seq_lens - 2) % page_size)).any()):
-        raise ValueError("last_loc must be the slot of position seq_len - 2 (wrong page offset)")
-    num_new_pages = int(new_page.sum())
+    if debug_enabled() or num_new_pages is None or backend == "triton":
+        new_page = (seq_lens - 1) % page_size == 0
+        if debug_enabled():
+            if seq_lens.numel() and bool((seq_lens < 1).any()):
+                raise ValueError("seq_lens must be >= 1 (they count the token being decoded)")
+            if bool((~new_page & (last_loc % page_size != (seq_lens - 2) % page_size)).any()):
+                raise ValueError(
+                    "last_loc must be the slot of position seq_len - 2 (wrong page offset)"
+                )
+        num_new_pages = host_count("num_new_pages", num_new_pages, new_page.sum())
     if num_new_pages > free_pages.numel():
         raise ValueError(
             f"free_pages has {free_pages.numel()} pages, the batch needs {num_new_pages}"
         )
     if backend == "torch":
-        return alloc_decode_reference(seq_lens, last_loc, free_pages, page_size)
+        return alloc_decode_reference(
+            seq_lens, last_loc, free_pages, page_size, num_new_pages=num_new_pages
+        )
     page_starts = exclusive_cumsum(new_page.to(torch.int64))
     out = _alloc_decode_triton(seq_lens, last_loc, free_pages, page_size, page_starts)
     return out, num_new_pages

@@ -18,11 +18,14 @@ import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
+    check_count,
     check_nonnegative,
     check_page_size,
     check_same_len,
     check_tensor,
+    debug_enabled,
     exclusive_cumsum,
+    host_count,
     resolve_backend,
 )
 
@@ -92,19 +95,35 @@ def alloc_extend_reference(
     last_loc: torch.Tensor,
     free_pages: torch.Tensor,
     page_size: int,
+    *,
+    num_new_pages: int | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Torch reference of :func:`alloc_extend` (same signature, no checks)."""
+    """Torch reference of :func:`alloc_extend` (same signature, no checks).
+
+    Sync-free when both counts are given: every token computes both its fill slot and its
+    new-page slot, ``torch.where`` keeps one.
+    """
     counts = seq_lens - prefix_lens
-    fill = torch.minimum(counts, (-prefix_lens) % page_size)
     new_pages = ceil_div(seq_lens, page_size) - ceil_div(prefix_lens, page_size)
-    req = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    j = torch.arange(req.numel(), device=counts.device) - exclusive_cumsum(counts)[req]
-    out = last_loc[req] + 1 + j
-    whole = j >= fill[req]
-    k = (j - fill[req])[whole]
-    pages = free_pages[exclusive_cumsum(new_pages)[req][whole] + k // page_size]
-    out[whole] = pages * page_size + k % page_size
-    return out, int(new_pages.sum())
+    if num_tokens is None:
+        num_tokens = int(counts.sum())
+    if num_new_pages is None:
+        num_new_pages = int(new_pages.sum())
+    device = counts.device
+    if num_tokens == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), num_new_pages
+    req = torch.repeat_interleave(counts, output_size=num_tokens)
+    j = torch.arange(num_tokens, device=device) - exclusive_cumsum(counts)[req]
+    fill_slot = last_loc[req] + 1 + j
+    if num_new_pages == 0:
+        return fill_slot, 0
+    k = j - torch.minimum(counts, (-prefix_lens) % page_size)[req]
+    # NOTE: a fill token (k < 0) reads a page it does not keep; the clamp keeps that read in
+    # bounds (its request's first new page may be past the end of the batch's pages).
+    page_idx = torch.clamp(exclusive_cumsum(new_pages)[req] + k // page_size, 0, num_new_pages - 1)
+    page_slot = free_pages[page_idx] * page_size + k % page_size
+    return torch.where(k >= 0, page_slot, fill_slot), num_new_pages
 
 
 def alloc_extend(
@@ -114,6 +133,8 @@ def alloc_extend(
     free_pages: torch.Tensor,
     page_size: int,
     *,
+    num_new_pages: int | None = None,
+    num_tokens: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Allocate slots for positions ``[prefix_lens[i], seq_lens[i])`` of every request.
@@ -123,12 +144,17 @@ def alloc_extend(
             position ``prefix_lens[i] - 1`` (ignored when ``prefix_lens[i] % page_size == 0``).
         free_pages: int64 ``[>= num_new_pages]``; pages are taken from its front.
         page_size: tokens per page.
+        num_new_pages: ``sum(ceil(seq / page_size) - ceil(prefix / page_size))``, and
+        num_tokens: ``sum(seq_lens - prefix_lens)``, when the caller knows them from its
+            host-side lengths: given both, no device->host sync happens (outside debug mode,
+            which checks them). Each ``None`` is computed on the device, with a sync.
 
     Returns:
-        ``(out_slots, num_new_pages)``: int64 ``[sum(seq_lens - prefix_lens)]`` in request
-        order, and how many pages of ``free_pages`` were taken. Nothing is mutated.
+        ``(out_slots, num_new_pages)``: int64 ``[num_tokens]`` in request order, and how many
+        pages of ``free_pages`` were taken. Nothing is mutated.
 
-    One cumsum over the batch and one Triton launch: O(batch + tokens) work.
+    Two cumsums over the batch and one Triton launch with grid ``(batch, token blocks)``:
+    O(batch + tokens) work.
     """
     check_tensor("prefix_lens", prefix_lens, dtype=torch.int64, ndim=1)
     device = prefix_lens.device
@@ -137,24 +163,37 @@ def alloc_extend(
     check_tensor("free_pages", free_pages, dtype=torch.int64, ndim=1, device=device)
     check_same_len(("prefix_lens", "seq_lens", "last_loc"), prefix_lens, seq_lens, last_loc)
     page_size = check_page_size(page_size)
+    num_new_pages = check_count("num_new_pages", num_new_pages)
+    num_tokens = check_count("num_tokens", num_tokens)
     backend = resolve_backend(backend, device)
-    check_nonnegative("prefix_lens", prefix_lens)
     counts = seq_lens - prefix_lens
-    if counts.numel() and bool((counts < 0).any()):
-        raise ValueError("seq_lens must be >= prefix_lens")
-    partial = prefix_lens % page_size != 0
-    if bool((partial & (last_loc % page_size != (prefix_lens - 1) % page_size)).any()):
-        raise ValueError("last_loc must be the slot of position prefix_len - 1 (wrong page offset)")
     new_pages = ceil_div(seq_lens, page_size) - ceil_div(prefix_lens, page_size)
-    num_new_pages = int(new_pages.sum())
+    if debug_enabled():
+        check_nonnegative("prefix_lens", prefix_lens)
+        if counts.numel() and bool((counts < 0).any()):
+            raise ValueError("seq_lens must be >= prefix_lens")
+        partial = prefix_lens % page_size != 0
+        if bool((partial & (last_loc % page_size != (prefix_lens - 1) % page_size)).any()):
+            raise ValueError(
+                "last_loc must be the slot of position prefix_len - 1 (wrong page offset)"
+            )
+    num_new_pages = host_count("num_new_pages", num_new_pages, new_pages.sum())
+    num_tokens = host_count("num_tokens", num_tokens, counts.sum())
     if num_new_pages > free_pages.numel():
         raise ValueError(
             f"free_pages has {free_pages.numel()} pages, the batch needs {num_new_pages}"
         )
     if backend == "torch":
-        return alloc_extend_reference(prefix_lens, seq_lens, last_loc, free_pages, page_size)
-    total = int(counts.sum())
+        return alloc_extend_reference(
+            prefix_lens,
+            seq_lens,
+            last_loc,
+            free_pages,
+            page_size,
+            num_new_pages=num_new_pages,
+            num_tokens=num_tokens,
+        )
     out = _alloc_extend_triton(
-        prefix_lens, seq_lens, last_loc, free_pages, page_size, counts, new_pages, total
+        prefix_lens, seq_lens, last_loc, free_pages, page_size, counts, new_pages, num_tokens
     )
     return out, num_new_pages

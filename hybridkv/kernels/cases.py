@@ -78,7 +78,8 @@ GPU_KV = KVShape(num_layers=8, num_kv_heads=8, head_dim=128)  # 512 KiB per page
 @dataclass(frozen=True)
 class Case:
     """One call of a kernel job: ``run(backend)`` calls the public function, ``run_reference()``
-    its torch reference, on the same arguments. ``baseline`` (page copies only) is a contiguous
+    its torch reference, on the same arguments. ``kwargs`` holds the host-known sizes
+    (``num_new_pages``, ``num_tokens``, ``num_freed``, ``num_pages``) a real caller passes. ``baseline`` (page copies only) is a contiguous
     ``copy_`` of the same bytes between the same two memories."""
 
     job: str
@@ -147,6 +148,7 @@ def _alloc_extend(batch: int, device: torch.device) -> Case:
         alloc_extend_reference,
         (*(t.to(device) for t in args), PAGE_SIZE),
         nbytes,
+        {"num_new_pages": s.new_pages, "num_tokens": tokens},
     )
 
 
@@ -262,6 +264,7 @@ def _alloc_decode(batch: int, device: torch.device) -> Case:
         alloc_decode_reference,
         (seq.to(device), last_loc.to(device), free_pages.to(device), PAGE_SIZE),
         nbytes,
+        {"num_new_pages": new_pages},
     )
 
 
@@ -299,6 +302,7 @@ def _swa_release(batch: int, device: torch.device) -> Case:
         swa_release_reference,
         (*(t.to(device) for t in args), WINDOW, PAGE_SIZE),
         nbytes,
+        {"num_freed": pages},
     )
 
 
@@ -314,7 +318,9 @@ def _page_table(batch: int, device: torch.device, swa: bool) -> Case:
     # entry (and map entry) in, page id out
     nbytes = 3 * I64 * batch + 2 * I32 * batch + pages * (I32 + I32 + (I64 if swa else 0))
     args = (d.req_to_token, d.req_pool_indices, kv_starts, d.seq_lens)
-    kwargs = {"full_to_swa_map": d.full_to_swa_map.to(device)} if swa else {}
+    kwargs: dict[str, object] = {"num_pages": pages}
+    if swa:
+        kwargs["full_to_swa_map"] = d.full_to_swa_map.to(device)
     return Case(
         job,
         batch,

@@ -16,7 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkv.kernels._common import check_page_size, check_tensor, resolve_backend
+from hybridkv.kernels._common import (
+    check_page_size,
+    check_tensor,
+    debug_enabled,
+    resolve_backend,
+)
 
 
 @triton.jit
@@ -76,16 +81,20 @@ def slots_to_pages(
     Returns:
         int64 ``[num_distinct_pages]``, ascending. Nothing is mutated.
 
-    One launch over the slots plus a ``num_pages``-byte mark buffer and one ``torch.nonzero``
-    (which synchronizes with the device to size its output).
+    One launch over the slots plus a ``num_pages``-byte mark buffer and one ``torch.nonzero``,
+    which synchronizes with the device to size its output: this is the eviction path, not the
+    decode step, and the caller needs the count anyway. The range check of ``slots`` runs in
+    debug mode only.
     """
     check_tensor("slots", slots, dtype=torch.int64, ndim=1)
     page_size = check_page_size(page_size)
     if not isinstance(num_pages, int) or isinstance(num_pages, bool) or num_pages < 1:
         raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
     backend = resolve_backend(backend, slots.device)
-    if slots.numel() and bool(((slots < 0) | (slots >= num_pages * page_size)).any()):
-        raise ValueError(f"slots must lie in [0, num_pages * page_size = {num_pages * page_size})")
+    if debug_enabled() and slots.numel():
+        if bool(((slots < 0) | (slots >= num_pages * page_size)).any()):
+            limit = num_pages * page_size
+            raise ValueError(f"slots must lie in [0, num_pages * page_size = {limit})")
     if backend == "torch":
         return slots_to_pages_reference(slots, page_size, num_pages)
     return _slots_to_pages_triton(slots, page_size, num_pages)

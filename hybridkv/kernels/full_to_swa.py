@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkv.kernels._common import check_tensor, resolve_backend
+from hybridkv.kernels._common import check_tensor, debug_enabled, resolve_backend
 
 
 @triton.jit
@@ -63,14 +63,17 @@ def full_to_swa(
 
     Returns:
         int64 ``[n]``: the SWA slot of each full slot, 0 where it has none. Nothing is mutated.
+
+    No device->host sync outside debug mode (which range-checks ``full_slots``).
     """
     check_tensor("full_slots", full_slots, dtype=torch.int64, ndim=1)
     device = full_slots.device
     check_tensor("full_to_swa_map", full_to_swa_map, dtype=torch.int64, ndim=1, device=device)
     backend = resolve_backend(backend, device)
     size = full_to_swa_map.numel()
-    if full_slots.numel() and bool(((full_slots < 0) | (full_slots >= size)).any()):
-        raise ValueError(f"full_slots must lie in [0, full_to_swa_map.numel() = {size})")
+    if debug_enabled() and full_slots.numel():
+        if bool(((full_slots < 0) | (full_slots >= size)).any()):
+            raise ValueError(f"full_slots must lie in [0, full_to_swa_map.numel() = {size})")
     if backend == "torch":
         return full_to_swa_reference(full_slots, full_to_swa_map)
     return _full_to_swa_triton(full_slots, full_to_swa_map)

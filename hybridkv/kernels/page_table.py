@@ -23,12 +23,15 @@ import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
+    check_count,
     check_nonnegative,
     check_page_size,
     check_rows,
     check_same_len,
     check_tensor,
+    debug_enabled,
     exclusive_cumsum,
+    host_count,
     resolve_backend,
 )
 
@@ -75,14 +78,14 @@ def _page_table_triton(
     seq_lens: torch.Tensor,
     page_size: int,
     full_to_swa_map: torch.Tensor | None,
+    counts: torch.Tensor,
+    num_pages: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = req_to_token.device
     batch = seq_lens.shape[0]
-    counts = ceil_div(seq_lens, page_size) - kv_starts // page_size
     kv_indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     kv_indptr[1:] = torch.cumsum(counts, 0)
-    total = int(kv_indptr[-1])
-    kv_indices = torch.empty(total, dtype=torch.int32, device=device)
+    kv_indices = torch.empty(num_pages, dtype=torch.int32, device=device)
     kv_last_page_len = torch.empty(batch, dtype=torch.int32, device=device)
     if batch:
         has_map = full_to_swa_map is not None
@@ -112,20 +115,32 @@ def page_table_reference(
     page_size: int,
     *,
     full_to_swa_map: torch.Tensor | None = None,
+    num_pages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`page_table` (same signature, no checks)."""
+    """Torch reference of :func:`page_table` (same signature, no checks).
+
+    Sync-free when ``num_pages`` is given. Page ``j`` of the flat output belongs to request
+    ``req = repeat_interleave(counts)[j]`` and reads the flat ``req_to_token`` element
+    ``row * stride + (first + j - indptr) * page_size``, i.e. ``base[req] + j * page_size``.
+    """
     device = seq_lens.device
     first = kv_starts // page_size
     end = ceil_div(seq_lens, page_size)
     counts = end - first
-    req = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-    page = first[req] + torch.arange(req.numel(), device=device) - exclusive_cumsum(counts)[req]
-    slot = req_to_token[req_pool_indices[req], page * page_size].long()
+    indptr = torch.cumsum(counts, 0)
+    if num_pages is None:
+        num_pages = int(counts.sum())
+    kv_indptr = torch.nn.functional.pad(indptr, (1, 0)).int()
+    kv_last_page_len = torch.where(counts > 0, seq_lens - (end - 1) * page_size, 0).int()
+    if num_pages == 0:
+        return kv_indptr, torch.empty(0, dtype=torch.int32, device=device), kv_last_page_len
+    req = torch.repeat_interleave(counts, output_size=num_pages)
+    base = req_pool_indices * req_to_token.stride(0) + (first - indptr + counts) * page_size
+    flat = base[req] + torch.arange(0, num_pages * page_size, page_size, device=device)
+    slot = req_to_token.view(-1)[flat].long()
     if full_to_swa_map is not None:
         slot = full_to_swa_map[slot]
     kv_indices = (slot // page_size).int()
-    kv_indptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).int()
-    kv_last_page_len = torch.where(counts > 0, seq_lens - (end - 1) * page_size, 0).int()
     return kv_indptr, kv_indices, kv_last_page_len
 
 
@@ -137,6 +152,7 @@ def page_table(
     page_size: int,
     *,
     full_to_swa_map: torch.Tensor | None = None,
+    num_pages: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Build the paged KV table of positions ``[kv_starts[i], seq_lens[i])`` of every request.
@@ -149,10 +165,14 @@ def page_table(
         page_size: tokens per page.
         full_to_swa_map: optional int64 ``[num_full_slots]``; when given, page ids are SWA
             pages (the pages read must not be tombstoned: those would show as page 0).
+        num_pages: the length of ``kv_indices``,
+            ``sum(ceil(seq_lens / page_size) - kv_starts // page_size)``, when the caller knows
+            it from its host-side lengths: then no device->host sync happens (outside debug
+            mode, which checks it). ``None`` counts on the device.
 
     Returns:
         ``(kv_indptr, kv_indices, kv_last_page_len)``, all int32: ``[batch + 1]`` starting at
-        0; ``[kv_indptr[-1]]`` page ids in request then position order; ``[batch]`` tokens in
+        0; ``[num_pages]`` page ids in request then position order; ``[batch]`` tokens in
         each request's last page (0 for a request with no pages). Nothing is mutated.
 
     One cumsum over the batch and one Triton launch.
@@ -168,15 +188,20 @@ def page_table(
         ("req_pool_indices", "kv_starts", "seq_lens"), req_pool_indices, kv_starts, seq_lens
     )
     page_size = check_page_size(page_size)
+    num_pages = check_count("num_pages", num_pages)
     backend = resolve_backend(backend, device)
     rows, max_context = req_to_token.shape
-    check_rows(req_pool_indices, rows, distinct=False)
-    if req_pool_indices.numel():
-        if bool((seq_lens > max_context).any()):
-            raise ValueError(f"seq_lens must be <= max_context = {max_context}")
-        if bool((kv_starts > seq_lens).any()):
-            raise ValueError("kv_starts must be <= seq_lens")
-    check_nonnegative("kv_starts", kv_starts)
+    if debug_enabled():
+        check_rows(req_pool_indices, rows, distinct=False)
+        if req_pool_indices.numel():
+            if bool((seq_lens > max_context).any()):
+                raise ValueError(f"seq_lens must be <= max_context = {max_context}")
+            if bool((kv_starts > seq_lens).any()):
+                raise ValueError("kv_starts must be <= seq_lens")
+        check_nonnegative("kv_starts", kv_starts)
+    if backend == "triton" or debug_enabled():
+        counts = ceil_div(seq_lens, page_size) - kv_starts // page_size
+        num_pages = host_count("num_pages", num_pages, counts.sum())
     if backend == "torch":
         return page_table_reference(
             req_to_token,
@@ -185,7 +210,15 @@ def page_table(
             seq_lens,
             page_size,
             full_to_swa_map=full_to_swa_map,
+            num_pages=num_pages,
         )
     return _page_table_triton(
-        req_to_token, req_pool_indices, kv_starts, seq_lens, page_size, full_to_swa_map
+        req_to_token,
+        req_pool_indices,
+        kv_starts,
+        seq_lens,
+        page_size,
+        full_to_swa_map,
+        counts,
+        num_pages,
     )

@@ -22,12 +22,15 @@ import triton
 import triton.language as tl
 
 from hybridkv.kernels._common import (
+    check_count,
     check_nonnegative,
     check_page_size,
     check_rows,
     check_same_len,
     check_tensor,
+    debug_enabled,
     exclusive_cumsum,
+    host_count,
     resolve_backend,
 )
 
@@ -111,19 +114,28 @@ def swa_release_reference(
     full_to_swa_map: torch.Tensor,
     window: int,
     page_size: int,
+    *,
+    num_freed: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of :func:`swa_release` (same signature, no checks; mutates the map)."""
+    """Torch reference of :func:`swa_release` (same signature, no checks; mutates the map).
+
+    Sync-free when ``num_freed`` is given.
+    """
     new = _new_released_lens(seq_lens, released_lens, window, page_size)
     counts = (new - released_lens) // page_size
+    if num_freed is None:
+        num_freed = int(counts.sum())
     device = seq_lens.device
-    req = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-    j = torch.arange(req.numel(), device=device) - exclusive_cumsum(counts)[req]
+    if num_freed == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), new
+    req = torch.repeat_interleave(counts, output_size=num_freed)
+    j = torch.arange(num_freed, device=device) - exclusive_cumsum(counts)[req]
     pos = released_lens[req] + j * page_size
     full = req_to_token[req_pool_indices[req], pos].long()
     freed = full_to_swa_map[full] // page_size
     base = full // page_size * page_size
     offsets = torch.arange(page_size, device=device)
-    full_to_swa_map[(base[:, None] + offsets).flatten()] = 0
+    full_to_swa_map.index_fill_(0, (base[:, None] + offsets).flatten(), 0)
     return freed, new
 
 
@@ -136,6 +148,7 @@ def swa_release(
     window: int,
     page_size: int,
     *,
+    num_freed: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Release the SWA pages of every request that lie wholly before its window.
@@ -150,6 +163,9 @@ def swa_release(
             **Mutated**: every slot of a released page is set to 0.
         window: sliding window in tokens, ``>= 1``.
         page_size: tokens per page (an SWA page pairs with a full page, offset for offset).
+        num_freed: how many pages this call frees (``sum(new - released) / page_size``), when
+            the caller knows it from its host-side lengths: then no device->host sync
+            happens (outside debug mode, which checks it). ``None`` counts on the device.
 
     Returns:
         ``(freed_swa_pages, new_released_lens)``: int64 ``[num_freed]`` SWA pages in request
@@ -158,7 +174,8 @@ def swa_release(
         not mutated).
 
     The released full pages must be distinct across the batch and still mapped (a tombstoned
-    page yields SWA page 0). One cumsum over the batch and one Triton launch.
+    page yields SWA page 0). One cumsum over the batch and one Triton launch (none when
+    nothing is freed).
     """
     check_tensor("req_to_token", req_to_token, dtype=torch.int32, ndim=2)
     device = req_to_token.device
@@ -175,15 +192,21 @@ def swa_release(
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     page_size = check_page_size(page_size)
+    num_freed = check_count("num_freed", num_freed)
     backend = resolve_backend(backend, device)
     rows, max_context = req_to_token.shape
-    check_rows(req_pool_indices, rows, distinct=True)
-    check_nonnegative("seq_lens", seq_lens)
-    if seq_lens.numel() and bool((seq_lens > max_context).any()):
-        raise ValueError(f"seq_lens must be <= max_context = {max_context}")
-    check_nonnegative("released_lens", released_lens)
-    if bool((released_lens % page_size != 0).any()):
-        raise ValueError(f"released_lens must be multiples of page_size = {page_size}")
+    if debug_enabled():
+        check_rows(req_pool_indices, rows, distinct=True)
+        check_nonnegative("seq_lens", seq_lens)
+        if seq_lens.numel() and bool((seq_lens > max_context).any()):
+            raise ValueError(f"seq_lens must be <= max_context = {max_context}")
+        check_nonnegative("released_lens", released_lens)
+        if bool((released_lens % page_size != 0).any()):
+            raise ValueError(f"released_lens must be multiples of page_size = {page_size}")
+    if backend == "triton" or debug_enabled():
+        new = _new_released_lens(seq_lens, released_lens, window, page_size)
+        counts = (new - released_lens) // page_size
+        num_freed = host_count("num_freed", num_freed, counts.sum())
     if backend == "torch":
         return swa_release_reference(
             req_to_token,
@@ -193,11 +216,9 @@ def swa_release(
             full_to_swa_map,
             window,
             page_size,
+            num_freed=num_freed,
         )
-    new = _new_released_lens(seq_lens, released_lens, window, page_size)
-    counts = (new - released_lens) // page_size
-    total = int(counts.sum())
     freed = _swa_release_triton(
-        req_to_token, req_pool_indices, released_lens, full_to_swa_map, page_size, counts, total
+        req_to_token, req_pool_indices, released_lens, full_to_swa_map, page_size, counts, num_freed
     )
     return freed, new

@@ -22,6 +22,7 @@ from hybridkv.kernels._common import (
     check_rows,
     check_same_len,
     check_tensor,
+    debug_enabled,
     exclusive_cumsum,
     resolve_backend,
 )
@@ -87,6 +88,23 @@ def _write_req_to_token_triton(
         )
 
 
+def _scatter_segments(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """``req_to_token[req_pool_indices[i], starts[i] + j] = slots[offset_i + j]`` for
+    ``j < lens[i]``, as one scatter into the flat table (``slots.numel()`` sizes it: no sync).
+    """
+    n = slots.numel()
+    req = torch.repeat_interleave(lens, output_size=n)
+    base = req_pool_indices * req_to_token.stride(0) + starts - exclusive_cumsum(lens)
+    flat = base[req] + torch.arange(n, device=slots.device)
+    req_to_token.view(-1).index_copy_(0, flat, slots.to(torch.int32))
+
+
 def write_req_to_token_reference(
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
@@ -96,15 +114,45 @@ def write_req_to_token_reference(
     extend_starts: torch.Tensor,
     extend_lens: torch.Tensor,
 ) -> None:
-    """Torch reference of :func:`write_req_to_token` (same signature, no checks; mutates)."""
-    device = req_pool_indices.device
-    batch = torch.arange(req_pool_indices.shape[0], device=device)
-    req = torch.repeat_interleave(batch, prefix_lens)
-    pos = torch.arange(req.numel(), device=device) - exclusive_cumsum(prefix_lens)[req]
-    req_to_token[req_pool_indices[req], pos] = prefix_slots.to(torch.int32)
-    req = torch.repeat_interleave(batch, extend_lens)
-    j = torch.arange(req.numel(), device=device) - exclusive_cumsum(extend_lens)[req]
-    req_to_token[req_pool_indices[req], extend_starts[req] + j] = new_slots.to(torch.int32)
+    """Torch reference of :func:`write_req_to_token` (same signature, no checks; mutates).
+
+    Sync-free: the slot tensors' lengths size everything.
+    """
+    if prefix_slots.numel():
+        zeros = torch.zeros_like(prefix_lens)
+        _scatter_segments(req_to_token, req_pool_indices, zeros, prefix_lens, prefix_slots)
+    if new_slots.numel():
+        _scatter_segments(req_to_token, req_pool_indices, extend_starts, extend_lens, new_slots)
+
+
+def _check_values(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_slots: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    new_slots: torch.Tensor,
+    extend_starts: torch.Tensor,
+    extend_lens: torch.Tensor,
+) -> None:
+    """The debug-mode checks of :func:`write_req_to_token` (they sync)."""
+    rows, max_context = req_to_token.shape
+    check_nonnegative("prefix_lens", prefix_lens)
+    check_nonnegative("extend_lens", extend_lens)
+    if int(prefix_lens.sum()) != prefix_slots.numel():
+        raise ValueError(
+            f"prefix_slots has {prefix_slots.numel()} slots, sum(prefix_lens) is "
+            f"{int(prefix_lens.sum())}"
+        )
+    if int(extend_lens.sum()) != new_slots.numel():
+        raise ValueError(
+            f"new_slots has {new_slots.numel()} slots, sum(extend_lens) is {int(extend_lens.sum())}"
+        )
+    check_rows(req_pool_indices, rows, distinct=True)
+    if req_pool_indices.numel():
+        if bool((extend_starts < prefix_lens).any()):
+            raise ValueError("extend_starts must be >= prefix_lens")
+        if bool((extend_starts + extend_lens > max_context).any()):
+            raise ValueError(f"extend_starts + extend_lens must be <= max_context = {max_context}")
 
 
 def write_req_to_token(
@@ -131,7 +179,8 @@ def write_req_to_token(
         extend_starts: int64 ``[batch]``, ``>= prefix_lens`` (the segments never overlap).
         extend_lens: int64 ``[batch]``, ``extend_starts + extend_lens <= max_context``.
 
-    Slots are stored as int32. Two cumsums over the batch and one Triton launch.
+    Slots are stored as int32. Two cumsums over the batch and one Triton launch; no
+    device->host sync outside debug mode (the slot tensors' lengths size the work).
     """
     check_tensor("req_to_token", req_to_token, dtype=torch.int32, ndim=2)
     device = req_to_token.device
@@ -149,24 +198,11 @@ def write_req_to_token(
         extend_lens,
     )
     backend = resolve_backend(backend, device)
-    rows, max_context = req_to_token.shape
-    check_nonnegative("prefix_lens", prefix_lens)
-    check_nonnegative("extend_lens", extend_lens)
-    if int(prefix_lens.sum()) != prefix_slots.numel():
-        raise ValueError(
-            f"prefix_slots has {prefix_slots.numel()} slots, sum(prefix_lens) is "
-            f"{int(prefix_lens.sum())}"
+    if debug_enabled():
+        _check_values(
+            req_to_token, req_pool_indices, prefix_slots, prefix_lens, new_slots, extend_starts,
+            extend_lens,
         )
-    if int(extend_lens.sum()) != new_slots.numel():
-        raise ValueError(
-            f"new_slots has {new_slots.numel()} slots, sum(extend_lens) is {int(extend_lens.sum())}"
-        )
-    check_rows(req_pool_indices, rows, distinct=True)
-    if req_pool_indices.numel():
-        if bool((extend_starts < prefix_lens).any()):
-            raise ValueError("extend_starts must be >= prefix_lens")
-        if bool((extend_starts + extend_lens > max_context).any()):
-            raise ValueError(f"extend_starts + extend_lens must be <= max_context = {max_context}")
     if backend == "torch":
         write_req_to_token_reference(
             req_to_token,
