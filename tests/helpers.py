@@ -135,7 +135,9 @@ def _is_sync(name: str, args: tuple, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("output_size") is None
     if name.startswith("aten.copy_"):
         dst, src = args[0], args[1]
-        return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst.device.type == "cpu"
+        if not isinstance(src, torch.Tensor):
+            return False
+        return src.device.type != "cpu" and dst.device.type == "cpu"
     if name.startswith("aten._to_copy"):
         src = args[0]
         return src.device.type != "cpu" and _on_cpu(kwargs.get("device"))

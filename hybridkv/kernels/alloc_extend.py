@@ -166,19 +166,21 @@ def alloc_extend(
     num_new_pages = check_count("num_new_pages", num_new_pages)
     num_tokens = check_count("num_tokens", num_tokens)
     backend = resolve_backend(backend, device)
-    counts = seq_lens - prefix_lens
-    new_pages = ceil_div(seq_lens, page_size) - ceil_div(prefix_lens, page_size)
     if debug_enabled():
         check_nonnegative("prefix_lens", prefix_lens)
-        if counts.numel() and bool((counts < 0).any()):
+        if bool((seq_lens < prefix_lens).any()):
             raise ValueError("seq_lens must be >= prefix_lens")
         partial = prefix_lens % page_size != 0
         if bool((partial & (last_loc % page_size != (prefix_lens - 1) % page_size)).any()):
             raise ValueError(
                 "last_loc must be the slot of position prefix_len - 1 (wrong page offset)"
             )
-    num_new_pages = host_count("num_new_pages", num_new_pages, new_pages.sum())
-    num_tokens = host_count("num_tokens", num_tokens, counts.sum())
+    sized = num_new_pages is not None and num_tokens is not None
+    if backend == "triton" or debug_enabled() or not sized:
+        counts = seq_lens - prefix_lens
+        new_pages = ceil_div(seq_lens, page_size) - ceil_div(prefix_lens, page_size)
+        num_new_pages = host_count("num_new_pages", num_new_pages, new_pages.sum())
+        num_tokens = host_count("num_tokens", num_tokens, counts.sum())
     if num_new_pages > free_pages.numel():
         raise ValueError(
             f"free_pages has {free_pages.numel()} pages, the batch needs {num_new_pages}"

@@ -79,8 +79,9 @@ GPU_KV = KVShape(num_layers=8, num_kv_heads=8, head_dim=128)  # 512 KiB per page
 class Case:
     """One call of a kernel job: ``run(backend)`` calls the public function, ``run_reference()``
     its torch reference, on the same arguments. ``kwargs`` holds the host-known sizes
-    (``num_new_pages``, ``num_tokens``, ``num_freed``, ``num_pages``) a real caller passes. ``baseline`` (page copies only) is a contiguous
-    ``copy_`` of the same bytes between the same two memories."""
+    (``num_new_pages``, ``num_tokens``, ``num_freed``, ``num_pages``) a real caller passes.
+    ``baseline`` (page copies only) is a contiguous ``copy_`` of the same bytes between the
+    same two memories."""
 
     job: str
     batch: int
