@@ -427,3 +427,36 @@ def test_bad_input_raises(
         fn(**args)
     for k, v in kept.items():
         assert torch.equal(args[k], v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("batch", [8, 64])
+def test_swa_release_on_gpu_never_frees_page_zero(batch: int, page_size: int) -> None:
+    """On a GPU (warps race where the interpreter cannot): many pages per request, all freed
+    at once; page 0 never comes out, the freed set is the reference's, nothing leaks."""
+    gen = _gen("release-gpu", batch, page_size)
+    pages_per_row = max(64, 8192 // page_size)
+    state = State(gen, batch, pages_per_row, page_size)
+    rows = torch.randperm(batch, generator=gen).to(DEVICE)
+    seq = torch.full((batch,), state.max_context, dtype=torch.int64, device=DEVICE)
+    released = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+    window = page_size
+    before = state.full_to_swa_map.clone()
+    live = set((before[before > 0] // page_size).tolist())
+    want_map = before.clone()
+    want, _ = swa_release(
+        state.req_to_token, rows, seq, released, want_map, window, page_size, backend="torch"
+    )
+    for _ in range(3):  # a race shows up now and then: try a few times
+        got_map = before.clone()
+        got, _ = swa_release(
+            state.req_to_token, rows, seq, released, got_map, window, page_size, backend="triton"
+        )
+        torch.cuda.synchronize()
+        assert not bool((got == 0).any()), "page 0 was freed"
+        assert torch.equal(got, want)
+        assert torch.equal(got_map, want_map)
+        still = set((got_map[got_map > 0] // page_size).tolist())
+        assert still | set(got.tolist()) == live, "an SWA page leaked"
+        assert not still & set(got.tolist())

@@ -62,11 +62,18 @@ def _swa_release_kernel(
         pos = released + j * PAGE_SIZE
         full = tl.load(req_to_token_ptr + row * stride_row + pos, mask=mask, other=0)
         full = full.to(tl.int64)
-        # NOTE: read every SWA slot of the tile before tombstoning; pages are distinct, so no
-        # later tile reads a page this one zeroes.
         swa = tl.load(full_to_swa_map_ptr + full, mask=mask, other=0)
         tl.store(freed_pages_ptr + out_start + j, swa // PAGE_SIZE, mask=mask)
         base = (full // PAGE_SIZE) * PAGE_SIZE
+        # NOTE: the tombstone store below writes map[full] (o == 0) too, from the lanes of a
+        # [BLOCK, PAGE_BLOCK] layout, while the load above ran in the lanes of a [BLOCK]
+        # layout (replicated across warps when BLOCK < the thread count): on a GPU the two are
+        # different threads, and without an order a store can land before another warp's load,
+        # which then reads 0 (page 0 freed, the real page leaked). The barrier (bar.sync)
+        # makes every thread's load of this tile complete before any thread's store, and
+        # orders global memory among the program's threads. Other tiles and programs never
+        # touch these entries: the released full pages are distinct across the batch.
+        tl.debug_barrier()
         tomb = mask[:, None] & (o[None, :] < PAGE_SIZE)
         tl.store(full_to_swa_map_ptr + base[:, None] + o[None, :], zeros, mask=tomb)
 
