@@ -423,8 +423,8 @@ def test_adder_stops_at_the_last_boundary_and_checks_state_room() -> None:
 
 
 class _AuditDriver(MambaDriver):
-    """Counts state slots taken by admitted work (``_extend``: working slots and host loads;
-    ``_cache_prefix``: chunk-end snapshots) and checks them against what the step's adder
+    """Counts state slots taken by admitted work (``prefill._extend``: working slots and host loads;
+    ``caching.cache_prefix``: chunk-end snapshots) and checks them against what the step's adder
     charged (``used.state``; the running reservation charges no state)."""
 
     def __init__(self, mm: MemoryManager, adders: list[PrefillAdder]) -> None:
@@ -443,8 +443,8 @@ class _AuditDriver(MambaDriver):
             return got
 
         alloc.alloc_pages = alloc_pages  # type: ignore[method-assign]
-        for name in ("_extend", "_cache_prefix"):
-            setattr(mm, name, self._counted(getattr(mm, name)))
+        for part, name in ((mm.prefill, "_extend"), (mm.caching, "cache_prefix")):
+            setattr(part, name, self._counted(getattr(part, name)))
 
     def _counted(self, fn: Callable[..., object]) -> Callable[..., object]:
         def inner(*args: object) -> object:

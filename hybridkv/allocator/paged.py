@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from hybridkv import kernels
+from hybridkv.allocator.upload import host_ints, upload, upload_many
 
 
 class FreeGroup:
@@ -94,49 +96,77 @@ class PagedAllocator(FreeGroup):
         self._head += n
         return pages
 
-    def pages_for_extend(self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor) -> int:
-        """New pages that extending each request from ``prefix_lens`` to ``seq_lens`` takes."""
+    def pages_for_extend(self, prefix_lens: object, seq_lens: object) -> int:
+        """New pages that extending each request from ``prefix_lens`` to ``seq_lens`` takes
+        (host lengths: a list, a numpy array or a CPU tensor)."""
         ps = self.page_size
-        return int(((seq_lens + ps - 1) // ps - (prefix_lens + ps - 1) // ps).sum())
+        prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
+        return int(((seq + ps - 1) // ps - (prefix + ps - 1) // ps).sum())
 
     def alloc_extend(
-        self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, last_loc: torch.Tensor
+        self,
+        prefix_lens: object,
+        seq_lens: object,
+        last_loc: torch.Tensor,
+        device_lens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Slots for positions ``[prefix_lens[i], seq_lens[i])`` of each request.
 
-        ``prefix_lens``, ``seq_lens``: int64 on the host (the decision needs no device sync);
-        ``last_loc``: int64 on the pool's device. Returns int64 slots in request order, or
+        ``prefix_lens``, ``seq_lens``: int64 host lengths (the decision needs no device sync);
+        ``last_loc``: int64 on the pool's device; ``device_lens``: the same lengths already on
+        the device (uploaded here when ``None``). Returns int64 slots in request order, or
         ``None`` (nothing taken) when the pool is short.
         """
-        need = self.pages_for_extend(prefix_lens, seq_lens)
+        prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
+        need = self.pages_for_extend(prefix, seq)
         if need > self.free_page_count:
             return None
+        if device_lens is None:
+            device_lens = tuple(upload_many(self.device, prefix, seq))
         free = self._stack[self._head : self._head + need]
-        slots, taken = kernels.alloc_extend(
-            prefix_lens.to(self.device),
-            seq_lens.to(self.device),
+        slots, _ = kernels.alloc_extend(
+            *device_lens,
             last_loc,
             free,
             self.page_size,
+            num_new_pages=need,
+            num_tokens=int((seq - prefix).sum()),
             backend=self.backend,
         )
-        assert taken == need, (taken, need)
         self._head += need
         return slots
 
-    def alloc_decode(self, seq_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor | None:
+    def decode_pages(self, seq_lens: object) -> int:
+        """New pages a decode step of requests at ``seq_lens`` (host, counting the new token)
+        takes: one per request whose new token starts a page."""
+        return int(np.count_nonzero((host_ints(seq_lens) - 1) % self.page_size == 0))
+
+    def alloc_decode(
+        self,
+        seq_lens: object,
+        last_loc: torch.Tensor,
+        seq_lens_device: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """One slot per request for position ``seq_lens[i] - 1``; ``None`` when short.
 
-        ``seq_lens``: int64 on the host; ``last_loc``: int64 on the pool's device.
+        ``seq_lens``: int64 host lengths; ``last_loc``: int64 on the pool's device;
+        ``seq_lens_device``: ``seq_lens`` already on the device (uploaded when ``None``).
         """
-        need = int(((seq_lens - 1) % self.page_size == 0).sum())
+        seq = host_ints(seq_lens)
+        need = self.decode_pages(seq)
         if need > self.free_page_count:
             return None
+        if seq_lens_device is None:
+            seq_lens_device = upload(seq, self.device)
         free = self._stack[self._head : self._head + need]
-        slots, taken = kernels.alloc_decode(
-            seq_lens.to(self.device), last_loc, free, self.page_size, backend=self.backend
+        slots, _ = kernels.alloc_decode(
+            seq_lens_device,
+            last_loc,
+            free,
+            self.page_size,
+            num_new_pages=need,
+            backend=self.backend,
         )
-        assert taken == need, (taken, need)
         self._head += need
         return slots
 

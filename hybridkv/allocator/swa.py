@@ -4,6 +4,9 @@ Every full page that holds SWA KV is paired with one SWA page at the same offset
 ``full_to_swa[full_page * ps + o] == swa_page * ps + o``. A full slot whose entry is 0 is
 a tombstone (its SWA KV was freed). The map is written for every newly allocated full
 slot and cleared by whole pages on free, so a free full page never maps anywhere.
+
+A model without SWA layers has no SWA pool and no map (``swa_tokens=0``): allocation and
+freeing touch the full pool only.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator.paged import FreeGroup, PagedAllocator
+from hybridkv.allocator.upload import host_ints, upload, upload_many
 
 
 class SWAAllocator(FreeGroup):
@@ -29,8 +33,17 @@ class SWAAllocator(FreeGroup):
         self.device = torch.device(device)
         self.backend = backend
         self.full = PagedAllocator(full_tokens, page_size, device, backend)
-        self.swa = PagedAllocator(swa_tokens, page_size, device, backend)
-        self.full_to_swa = torch.zeros(self.full.num_slots, dtype=torch.int64, device=self.device)
+        self.swa: PagedAllocator | None = None
+        self.full_to_swa: torch.Tensor | None = None
+        if swa_tokens:
+            self.swa = PagedAllocator(swa_tokens, page_size, device, backend)
+            self.full_to_swa = torch.zeros(
+                self.full.num_slots, dtype=torch.int64, device=self.device
+            )
+
+    @property
+    def has_swa(self) -> bool:
+        return self.swa is not None
 
     @property
     def full_available(self) -> int:
@@ -38,40 +51,61 @@ class SWAAllocator(FreeGroup):
 
     @property
     def swa_available(self) -> int:
-        return self.swa.available
+        """Free SWA tokens (0 without an SWA pool)."""
+        return self.swa.available if self.swa is not None else 0
 
     def translate(self, full_slots: torch.Tensor) -> torch.Tensor:
         """SWA slots of ``full_slots`` (0 for tombstones)."""
         return kernels.full_to_swa(full_slots, self.full_to_swa, backend=self.backend)
 
+    def _fits(self, pages: int) -> bool:
+        swa_free = self.swa.free_page_count if self.swa is not None else pages
+        return pages <= self.full.free_page_count and pages <= swa_free
+
     def alloc_extend(
-        self, prefix_lens: torch.Tensor, seq_lens: torch.Tensor, last_loc: torch.Tensor
+        self,
+        prefix_lens: object,
+        seq_lens: object,
+        last_loc: torch.Tensor,
+        device_lens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Full slots (with SWA slots mapped) for ``[prefix_lens[i], seq_lens[i])``.
 
         Same arguments as :meth:`PagedAllocator.alloc_extend`. The SWA KV of position
         ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned.
         """
-        need = self.full.pages_for_extend(prefix_lens, seq_lens)
-        if need > self.full.free_page_count or need > self.swa.free_page_count:
+        prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
+        if not self._fits(self.full.pages_for_extend(prefix, seq)):
             return None
-        swa_last_loc = self.translate(last_loc.clamp(min=0))
-        full_slots = self.full.alloc_extend(prefix_lens, seq_lens, last_loc)
-        swa_slots = self.swa.alloc_extend(prefix_lens, seq_lens, swa_last_loc)
-        assert full_slots is not None and swa_slots is not None
-        self.full_to_swa[full_slots] = swa_slots
+        if device_lens is None:
+            device_lens = tuple(upload_many(self.device, prefix, seq))
+        full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens)
+        if self.swa is not None:
+            swa_last_loc = self.translate(last_loc.clamp(min=0))
+            swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens)
+            self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 
-    def alloc_decode(self, seq_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor | None:
-        """One full slot (and its SWA slot) per request for position ``seq_lens[i] - 1``."""
-        need = int(((seq_lens - 1) % self.page_size == 0).sum())
-        if need > self.full.free_page_count or need > self.swa.free_page_count:
+    def alloc_decode(
+        self,
+        seq_lens: object,
+        last_loc: torch.Tensor,
+        seq_lens_device: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """One full slot (and its SWA slot) per request for position ``seq_lens[i] - 1``.
+
+        ``seq_lens``: host lengths; ``seq_lens_device``: the same on the device (optional).
+        """
+        seq = host_ints(seq_lens)
+        if not self._fits(self.full.decode_pages(seq)):
             return None
-        swa_last_loc = self.translate(last_loc.clamp(min=0))
-        full_slots = self.full.alloc_decode(seq_lens, last_loc)
-        swa_slots = self.swa.alloc_decode(seq_lens, swa_last_loc)
-        assert full_slots is not None and swa_slots is not None
-        self.full_to_swa[full_slots] = swa_slots
+        if seq_lens_device is None:
+            seq_lens_device = upload(seq, self.device)
+        full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device)
+        if self.swa is not None:
+            swa_last_loc = self.translate(last_loc.clamp(min=0))
+            swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device)
+            self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 
     def free(self, full_slots: torch.Tensor) -> None:
@@ -83,7 +117,8 @@ class SWAAllocator(FreeGroup):
         pages = kernels.slots_to_pages(
             full_slots, self.page_size, self.full.num_pages, backend=self.backend
         )
-        self._free_swa_of_pages(pages)
+        if self.swa is not None:
+            self._free_swa_of_pages(pages)
         self.full.free_pages(pages)
 
     def free_swa(self, full_slots: torch.Tensor) -> None:
@@ -118,10 +153,14 @@ class SWAAllocator(FreeGroup):
         seq_lens: torch.Tensor,
         released_lens: torch.Tensor,
         window: int,
+        num_freed: int | None = None,
     ) -> torch.Tensor:
         """Free the SWA pages that slid out of each request's window; return new released lens.
 
         ``req_pool_indices``, ``seq_lens``, ``released_lens``: int64 on the pool's device.
+        ``num_freed``: the pages this frees, known on the host: then nothing syncs, and every
+        page released must still be mapped (a request's own pages always are; checked in
+        debug mode). Without it, pages tombstoned before their release are skipped.
         """
         freed, new_released = kernels.swa_release(
             req_to_token,
@@ -131,15 +170,22 @@ class SWAAllocator(FreeGroup):
             self.full_to_swa,
             window,
             self.page_size,
+            num_freed=num_freed,
             backend=self.backend,
         )
-        # NOTE: a page tombstoned before its release comes back as SWA page 0: never free it.
-        self.swa.free_pages(freed[freed != 0])
+        if num_freed is None:
+            # NOTE: a page tombstoned before its release comes back as SWA page 0.
+            freed = freed[freed != 0]
+        elif kernels.debug_enabled() and bool((freed == 0).any()):
+            raise AssertionError("swa_release freed a tombstoned page (SWA page 0)")
+        self.swa.free_pages(freed)
         return new_released
 
     def check(self) -> None:
         """Assert both free lists and the map are consistent with each other."""
         self.full.check()
+        if self.swa is None:
+            return
         self.swa.check()
         by_page = self.full_to_swa.view(-1, self.page_size)
         assert not bool(by_page[0].any()), "page 0 maps to SWA"

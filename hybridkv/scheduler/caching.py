@@ -1,73 +1,89 @@
-"""Giving a request's KV and recurrent state to the tree: after a prefill chunk, on finish,
-abort and retraction."""
+"""The caching path: a request's KV and recurrent state go to the tree after a prefill
+chunk, and on finish, abort and retraction."""
 
 from __future__ import annotations
 
 import torch
 
-from hybridkv.scheduler.records import (
-    ReqState,
-)
-from hybridkv.tree import Node
+from hybridkv.allocator import StatePool, SWAAllocator
+from hybridkv.scheduler.config import CacheConfig
+from hybridkv.scheduler.records import ReqState
+from hybridkv.scheduler.table import RequestTable
+from hybridkv.tree import Node, RadixTree
 
 
-class CachingMixin:
-    """The caching part of :class:`MemoryManager` (its state, its helpers)."""
+class Caching:
+    """Inserts requests' whole pages into the tree and moves their locks onto them."""
 
-    def _cache_prefix(self, req: ReqState) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        table: RequestTable,
+        tree: RadixTree,
+        allocator: SWAAllocator,
+        states: StatePool | None,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.tree = tree
+        self.allocator = allocator
+        self.states = states
+        self.in_flight_states: list[int] = []  # working slots of aborted in-flight requests
+
+    def cache_prefix(self, req: ReqState) -> None:
         """Give the whole pages of a prefilled chunk to the tree and lock them instead.
 
         Other requests can share the prompt from now on, and the tree (not the request's
         sliding window) decides when its SWA KV goes. Where the tree already held the tokens,
         the request's duplicates are freed and its row points at the tree's slots.
         """
-        ps = self.config.page_size
-        aligned = req.kv_len - req.kv_len % ps
-        if aligned <= req.cached_len:
+        t, row, ps = self.table, req.row, self.config.page_size
+        kv_len, cached = int(t.kv_len[row]), int(t.cached_len[row])
+        aligned = kv_len - kv_len % ps
+        if aligned <= cached:
             return
-        row = req.row
-        released = int(self.released_lens[row])
+        released = int(t.released[row])
         node, slots = self.tree.insert(
-            req.fill_ids[:aligned],
-            self.req_to_token[row, :aligned].long(),
-            req.cached_len,
-            max(released, req.cached_len),
+            t.fill_ids(row, aligned), t.slots(row, 0, aligned), cached, max(released, cached)
         )
-        self.req_to_token[row, req.cached_len : aligned] = slots[req.cached_len :].to(torch.int32)
+        t.req_to_token[row, cached:aligned] = slots[cached:].to(torch.int32)
         lock = self.tree.inc_lock(node)
         assert req.lock is not None
         self.tree.dec_lock(req.lock)
-        req.lock, req.cached_len = lock, aligned
-        self.released_lens[row] = max(released, aligned)
-        if self.states is not None and req.kv_len == aligned:
+        t.set_lock(req, lock)
+        t.cached_len[row] = aligned
+        t.released[row] = max(released, aligned)
+        if self.states is not None and kv_len == aligned:
             self.tree.attach_state(node, req.state_slot)
 
-    def _release(self, req: ReqState, in_flight: bool = False) -> None:
+    def release(self, req: ReqState, in_flight: bool = False) -> None:
         """Give a request's KV to the tree (whole pages), free the rest, unlock, free its row.
 
         ``in_flight``: the request is in the pending plan (aborted before commit), so the
         engine may be writing its working state slot now.
         """
-        ps = self.config.page_size
-        aligned = req.kv_len - req.kv_len % ps
-        slots = self.req_to_token[req.row, : req.alloc_len].long()
-        released = int(self.released_lens[req.row]) if self.config.window is not None else 0
+        t, row, ps = self.table, req.row, self.config.page_size
+        kv_len, cached = int(t.kv_len[row]), int(t.cached_len[row])
+        aligned = kv_len - kv_len % ps
+        slots = t.slots(row, 0, int(t.alloc_len[row]))
+        released = int(t.released[row]) if self.config.window is not None else 0
         node = req.lock.node
         with self.allocator.free_group():
-            if aligned > req.cached_len:
+            if aligned > cached:
                 node, _ = self.tree.insert(
-                    req.fill_ids[:aligned], slots[:aligned], req.cached_len, released
+                    t.fill_ids(row, aligned), slots[:aligned], cached, released
                 )
-            self.allocator.free(slots[max(aligned, req.cached_len) :])
+            self.allocator.free(slots[max(aligned, cached) :])
         if self.states is not None:
-            self._release_states(req, node, aligned, in_flight)
+            self._release_states(req, node, aligned, kv_len, in_flight)
         assert req.lock is not None
         self.tree.dec_lock(req.lock)
-        req.lock = None
-        self._free_rows.append(req.row)
-        req.row = -1
+        t.set_lock(req, None)
+        t.give_back(req)
 
-    def _release_states(self, req: ReqState, node: Node, end: int, in_flight: bool) -> None:
+    def _release_states(
+        self, req: ReqState, node: Node, end: int, kv_len: int, in_flight: bool
+    ) -> None:
         """Leave the state after ``end`` tokens to ``node`` (ending there) if the request has
         it, and free its working and snapshot slots.
 
@@ -79,8 +95,8 @@ class CachingMixin:
         req.state_slot, req.snapshot = -1, None
         free, attached = [], False
         if in_flight:
-            self._in_flight_states.append(working)
-        elif req.kv_len == end:
+            self.in_flight_states.append(working)
+        elif kv_len == end:
             attached = self.tree.attach_state(node, working, owned=True)  # hands it over
         else:
             free.append(working)
@@ -91,3 +107,26 @@ class CachingMixin:
                 free.append(snapshot[1])
         if free:
             self.states.allocator.free_pages(torch.tensor(free, device=self.states.buf.device))
+
+    def free_in_flight_states(self) -> None:
+        """Free the working slots of requests aborted while their plan was pending."""
+        if self.in_flight_states:
+            device = self.states.buf.device
+            self.states.allocator.free_pages(torch.tensor(self.in_flight_states, device=device))
+            self.in_flight_states = []
+
+    def take_snapshots(self, reqs: list[ReqState]) -> None:
+        """Copy decoding requests' states at a page boundary into their snapshot slots (one
+        copy): the tree keeps it when the request is cached. Best effort: a request that
+        cannot get a slot keeps none (snapshots are a cache)."""
+        src, dst = [], []
+        for req in reqs:
+            slot = req.snapshot[1] if req.snapshot is not None else self.tree.alloc_state()
+            if slot is None:
+                continue
+            req.snapshot = (int(self.table.kv_len[req.row]), slot)
+            src.append(req.state_slot)
+            dst.append(slot)
+        if src:
+            device = self.states.buf.device
+            self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))

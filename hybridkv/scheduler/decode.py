@@ -1,114 +1,131 @@
-"""Decode steps: one slot per running request, SWA release, retraction when short."""
+"""Decode steps: one slot per running request, SWA release, retraction when short.
+
+A steady step (nothing to evict or retract) is array arithmetic on the host and a fixed
+handful of device calls whatever the batch size: the SWA release, one ``alloc_decode`` per
+pool, one write into ``req_to_token`` and one page table per pool. It never waits for the
+device, and its commit advances the batch with array operations too.
+"""
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from hybridkv import kernels
-from hybridkv.scheduler.plan import ScheduledReq, StepPlan
-from hybridkv.scheduler.records import (
-    INIT_NEW_TOKEN_RATIO,
-    MIN_NEW_TOKEN_RATIO,
-    NEW_TOKEN_RATIO_DECAY,
-    ReqState,
-)
+from hybridkv.allocator import StatePool, SWAAllocator
+from hybridkv.scheduler.admission import Admission
+from hybridkv.scheduler.caching import Caching
+from hybridkv.scheduler.config import CacheConfig
+from hybridkv.scheduler.pages import PlanBuilder
+from hybridkv.scheduler.plan import StepBatch, StepPlan
+from hybridkv.scheduler.queues import Queues
+from hybridkv.scheduler.records import ReqState
+from hybridkv.scheduler.swa_slide import SWASlide
+from hybridkv.scheduler.table import RequestTable
 
 
-class DecodeMixin:
-    """The decode half of :class:`MemoryManager` (its state, its helpers)."""
+class Decode:
+    """Plans and commits decode steps of every running request."""
 
-    def _schedule_decode(self) -> StepPlan | None:
-        batch = list(self._running.values())
-        if not batch:
+    def __init__(
+        self,
+        config: CacheConfig,
+        table: RequestTable,
+        queues: Queues,
+        allocator: SWAAllocator,
+        states: StatePool | None,
+        admission: Admission,
+        caching: Caching,
+        slide: SWASlide,
+        pages: PlanBuilder,
+        counters: dict[str, int],
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.queues = queues
+        self.allocator = allocator
+        self.states = states
+        self.admission = admission
+        self.caching = caching
+        self.slide = slide
+        self.pages = pages
+        self.counters = counters
+
+    def schedule(self) -> StepPlan | None:
+        q, t, ps = self.queues, self.table, self.config.page_size
+        if not q.running:
             return None
-        self._release_swa(batch)
-        ps = self.config.page_size
+        rows, rids = q.running_batch()
+        self.slide.release(rows)
         while True:
-            need = sum(1 for r in batch if r.kv_len % ps == 0) * ps
-            if self._make_room(need):
+            kv = t.kv_len[rows]
+            need = int(np.count_nonzero(kv % ps == 0)) * ps
+            if self.admission.make_room(need, need if self.config.has_swa else 0):
                 break
             # NOTE: a lone request always fits (add_request and CacheConfig check it).
-            if self._chunked is not None:
-                victim, self._chunked = self._chunked, None
+            if q.chunked is not None:
+                victim, q.chunked = q.chunked, None
             else:
-                assert len(batch) > 1, "a single running request does not fit the pools"
-                victim = min(batch, key=lambda r: (r.output_len, -r.arrival))
-                batch.remove(victim)
-                del self._running[victim.rid]
-            self._retract(victim)
-        kv_lens = torch.tensor([r.kv_len for r in batch], dtype=torch.int64)
-        rows = torch.tensor([r.row for r in batch], dtype=torch.int64, device=self.device)
-        kv_dev = kv_lens.to(self.device)
-        last_loc = self.req_to_token[rows, kv_dev - 1].long()
-        out = self.allocator.alloc_decode(kv_lens + 1, last_loc)
+                assert len(rows) > 1, "a single running request does not fit the pools"
+                # least output first, then the latest arrival
+                i = np.lexsort((-t.arrival[rows], t.output_len[rows]))[0]
+                victim = t.owner[int(rows[i])]
+                q.stop(victim)
+                rows, rids = q.running_batch()
+            self.retract(victim)
+        n = len(rows)
+        batch = StepBatch(
+            rids=rids,
+            rows=rows,
+            extend_starts=kv,
+            extend_lens=np.ones(n, dtype=np.int64),
+            qo_indptr=np.arange(n + 1, dtype=np.int64),
+            is_decode=True,
+            produces_token=np.ones(n, dtype=bool),
+            cached_lens=np.zeros(n, dtype=np.int64),
+            loaded_lens=np.zeros(n, dtype=np.int64),
+            state_slots=self._state_slots(rows),
+        )
+        last = t.flat_positions(rows, kv - 1)
+        inputs = self.pages.inputs(batch, last)
+        (last_dev,) = inputs.extra
+        last_loc = t.flat.index_select(0, last_dev).long()
+        out = self.allocator.alloc_decode(kv + 1, last_loc, inputs.seq_lens)
         assert out is not None, "decode batch does not fit after eviction"
-        ones = torch.ones_like(kv_dev)
-        kernels.write_req_to_token(
-            self.req_to_token,
-            rows,
-            out[:0],
-            ones * 0,
-            out,
-            kv_dev,
-            ones,
-            backend=self.config.backend,
-        )
-        sreqs = []
-        for req in batch:
-            req.alloc_len = req.kv_len + 1
-            sreqs.append(
-                ScheduledReq(req.rid, req.row, req.kv_len, 1, True, True, state_slot=req.state_slot)
-            )
-        self.new_token_ratio = max(
-            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
-        )
-        return self._plan(sreqs, out, rows, kv_dev, kv_dev + 1)
+        t.flat.index_copy_(0, last_dev + 1, out.int())
+        t.alloc_len[rows] = kv + 1
+        self.admission.decay()
+        return self.pages.build(batch, out, inputs)
 
-    def _release_swa(self, reqs: list[ReqState]) -> None:
-        """Free the SWA pages that slid out of these requests' windows (one kernel call)."""
-        if self.config.window is None or not reqs:
-            return
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64, device=self.device)
-        seq = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64, device=self.device)
-        self.released_lens[rows] = self.allocator.swa_release(
-            self.req_to_token, rows, seq, self.released_lens[rows], self.config.window
-        )
-        ps, reach = self.config.page_size, max(self.config.window, self.config.page_size)
-        step = self.config.swa_lock_step
-        for req in reqs:
-            lock = req.lock
-            if lock.swa_start >= lock.node.end:
-                continue  # pins no SWA any more
-            frontier = max(0, req.kv_len - reach)
-            frontier = min(frontier - frontier % ps, lock.node.end)
-            if lock.swa_start < frontier and (
-                frontier == lock.node.end or frontier - lock.swa_start >= step
-            ):
-                # NOTE: the request's window slides over its cached prefix: stop pinning the
-                # prefix's SWA KV behind it (the tree may tombstone it), as its own is released.
-                req.lock = self.tree.inc_lock(lock.node, frontier)
-                self.tree.dec_lock(lock)
+    def _state_slots(self, rows: np.ndarray) -> np.ndarray:
+        if self.states is None:
+            return np.full(len(rows), -1, dtype=np.int64)
+        owner = self.table.owner
+        return np.fromiter((owner[r].state_slot for r in rows.tolist()), np.int64, len(rows))
 
-    def _retract(self, req: ReqState) -> None:
+    def commit(self, batch: StepBatch, ids: np.ndarray, gone: set[int]) -> list[ReqState]:
+        """Advance every request of a decode ``batch`` by its token; return those finished.
+
+        ``gone``: rows of requests aborted since the plan (skipped).
+        """
+        t, rows = self.table, batch.rows
+        if gone:
+            keep = ~np.isin(rows, list(gone))
+            rows, ids = rows[keep], ids[keep]
+        kv = t.kv_len[rows] + 1
+        t.kv_len[rows] = kv
+        t.tokens[rows, t.fill_len[rows]] = ids
+        t.fill_len[rows] += 1
+        t.output_len[rows] += 1
+        self.counters["computed_tokens"] += len(rows)
+        if self.states is not None:
+            boundary = rows[kv % self.config.page_size == 0]
+            if len(boundary):
+                self.caching.take_snapshots([t.owner[r] for r in boundary.tolist()])
+        done = rows[t.output_len[rows] >= t.max_new[rows]]
+        return [t.owner[r] for r in done.tolist()]
+
+    def retract(self, req: ReqState) -> None:
         """Cache a running request's KV in the tree, free its slots and re-queue it first."""
-        self._release(req)
-        req.kv_len = req.alloc_len = req.cached_len = 0
-        self._waiting.appendleft(req)
+        self.caching.release(req)
+        self.queues.waiting.appendleft(req)
         self.counters["retracted_requests"] += 1
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
-
-    def _take_snapshots(self, reqs: list[ReqState]) -> None:
-        """Copy decoding requests' states at a page boundary into their snapshot slots (one
-        copy): the tree keeps it when the request is cached. Best effort: a request that
-        cannot get a slot keeps none (snapshots are a cache)."""
-        src, dst = [], []
-        for req in reqs:
-            slot = req.snapshot[1] if req.snapshot is not None else self.tree.alloc_state()
-            if slot is None:
-                continue
-            req.snapshot = (req.kv_len, slot)
-            src.append(req.state_slot)
-            dst.append(slot)
-        if src:
-            device = self.states.buf.device
-            self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
+        self.admission.reset()

@@ -9,22 +9,26 @@ any fit, and otherwise decodes every running request.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from hybridkv import kernels
 from hybridkv.allocator import HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
-from hybridkv.scheduler.caching import CachingMixin
+from hybridkv.scheduler.admission import Admission
+from hybridkv.scheduler.caching import Caching
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import cost
-from hybridkv.scheduler.decode import DecodeMixin
-from hybridkv.scheduler.plan import PageTable, Request, ScheduledReq, StepPlan
-from hybridkv.scheduler.prefill import PrefillMixin
-from hybridkv.scheduler.records import INIT_NEW_TOKEN_RATIO, ReqState
+from hybridkv.scheduler.decode import Decode
+from hybridkv.scheduler.pages import PlanBuilder
+from hybridkv.scheduler.plan import Request, StepBatch, StepPlan
+from hybridkv.scheduler.prefill import Prefill
+from hybridkv.scheduler.queues import Queues
+from hybridkv.scheduler.records import ReqState
+from hybridkv.scheduler.swa_slide import SWASlide
+from hybridkv.scheduler.table import RequestTable
 from hybridkv.scheduler.tp import TPSync
-from hybridkv.tree import EvictParams, HostTier, RadixTree
+from hybridkv.tree import HostTier, RadixTree
 from hybridkv.tree.storage import FileStorage
 
 COUNTERS = (
@@ -39,9 +43,16 @@ COUNTERS = (
     "retracted_requests",
 )
 
+MAX_TOKEN_ID = 2**63  # token ids are int64 on the host and in storage keys
 
-class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
-    """Owns the KV cache of one model replica; see the engine contract in DESIGN.md."""
+
+class MemoryManager:
+    """Owns the KV cache of one model replica; see the engine contract in docs/contract.md.
+
+    A facade over composed parts, each owning its state: the pools (allocator, KV, states),
+    the tree, the request table (rows and their per-row state), the queues, the admission
+    policy, the caching path, the SWA slide and the prefill and decode planners.
+    """
 
     def __init__(self, config: CacheConfig, tp_group: object | None = None) -> None:
         if not isinstance(config, CacheConfig):
@@ -50,23 +61,25 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
         self.config = config
         cfg = config
         self.device = torch.device(cfg.device)
-        # NOTE: a model without SWA layers gets an SWA pool as large as the full pool and no
-        # window: it never runs short first and never releases, so one code path serves both.
-        swa_tokens = cfg.swa_tokens if cfg.has_swa else cfg.full_tokens
         self.allocator = SWAAllocator(
-            cfg.full_tokens, swa_tokens, cfg.page_size, self.device, cfg.backend
+            cfg.full_tokens,
+            cfg.swa_tokens if cfg.has_swa else 0,
+            cfg.page_size,
+            self.device,
+            cfg.backend,
         )
+        alloc = self.allocator
         self.kv = KVPool(
             cfg.full_layer_ids,
             list(cfg.swa_layer_ids),
-            self.allocator.full.num_slots,
-            self.allocator.swa.num_slots,
+            alloc.full.num_slots,
+            alloc.swa.num_slots if alloc.has_swa else 0,
             cfg.page_size,
             cfg.num_kv_heads,
             cfg.head_dim,
             cfg.dtype,
             self.device,
-            self.allocator.full_to_swa,
+            alloc.full_to_swa,
             cfg.backend,
         )
         self.states = None
@@ -80,29 +93,55 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
                 cfg.backend,
             )
         self.tree = RadixTree(
-            self.allocator,
-            cfg.page_size,
-            cfg.window,
-            cfg.swa_eviction,
-            self._host_tier(),
-            self.states,
+            alloc, cfg.page_size, cfg.window, cfg.swa_eviction, self._host_tier(), self.states
         )
-        rows = cfg.max_running_requests
-        self.req_to_token = torch.zeros(
-            rows, cfg.max_context_len, dtype=torch.int32, device=self.device
-        )
-        self.released_lens = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        self._free_rows = list(range(rows - 1, -1, -1))
-        self._reqs: dict[str, ReqState] = {}
-        self._waiting: deque[ReqState] = deque()
-        self._running: dict[str, ReqState] = {}  # past their prefill (or on its last chunk)
-        self._chunked: ReqState | None = None
-        self._pending: StepPlan | None = None
-        self._pending_reqs: list[ReqState] = []  # the pending plan's requests, in its order
-        self._in_flight_states: list[int] = []  # working slots of aborted in-flight requests
-        self._arrivals = 0
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.table = RequestTable(cfg.max_running_requests, cfg.max_context_len, self.device)
+        self.queues = Queues()
+        self.admission = Admission(
+            cfg, self.table, self.queues, self.tree, alloc, self.states, self.counters
+        )
+        self.caching = Caching(cfg, self.table, self.tree, alloc, self.states)
+        slide = SWASlide(cfg, self.table, self.tree, alloc)
+        transfers = None if self.tree.host is None else self.tree.host.transfers
+        pages = PlanBuilder(cfg, self.table, alloc, transfers)
+        self.prefill = Prefill(
+            cfg,
+            self.table,
+            self.queues,
+            self.tree,
+            alloc,
+            self.states,
+            self.admission,
+            slide,
+            pages,
+            self.tp,
+            self.counters,
+        )
+        self.decode = Decode(
+            cfg,
+            self.table,
+            self.queues,
+            alloc,
+            self.states,
+            self.admission,
+            self.caching,
+            slide,
+            pages,
+            self.counters,
+        )
+        self._pending: StepPlan | None = None
+        self._pending_gone: set[int] = set()  # rows of requests aborted since the plan
+        self._arrivals = 0
+
+    @property
+    def req_to_token(self) -> torch.Tensor:
+        """int32 ``[max_running_requests, max_context_len]``: full slots by row and position."""
+        return self.table.req_to_token
+
+    @property
+    def new_token_ratio(self) -> float:
+        return self.admission.new_token_ratio
 
     def _host_tier(self) -> HostTier | None:
         cfg = self.config
@@ -145,13 +184,13 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
             raise ValueError("request must be a hybridkv.Request")
         if not isinstance(request.rid, str) or not request.rid:
             raise ValueError("rid must be a non-empty str")
-        if request.rid in self._reqs:
+        if request.rid in self.queues.reqs:
             raise ValueError(f"rid {request.rid!r} is already in use")
         ids = request.input_ids
         if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty sequence of token ids")
-        if not all(type(t) is int and t >= 0 for t in ids):
-            raise ValueError("input_ids must hold non-negative ints")
+        if not all(type(t) is int and 0 <= t < MAX_TOKEN_ID for t in ids):
+            raise ValueError(f"input_ids must hold ints in [0, {MAX_TOKEN_ID})")
         n = request.max_new_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
@@ -168,32 +207,40 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
             )
         req = ReqState(request.rid, list(ids), 0, n, self._arrivals)
         self._arrivals += 1
-        self._reqs[req.rid] = req
-        self._waiting.append(req)
+        self.queues.reqs[req.rid] = req
+        self.queues.waiting.append(req)
 
     def abort(self, rid: str) -> None:
         """Drop a request wherever it is; its computed KV stays cached in the tree."""
-        req = self._get(rid)
+        req, q = self._get(rid), self.queues
         if req.row < 0:
-            self._waiting.remove(req)
+            q.waiting.remove(req)
         else:
-            self._release(req, in_flight=any(r is req for r in self._pending_reqs))
-            self._running.pop(rid, None)
-            if self._chunked is req:
-                self._chunked = None
-        del self._reqs[rid]
+            row = req.row
+            in_flight = self._pending is not None and row in self._pending_rows()
+            self.caching.release(req, in_flight=in_flight)
+            if in_flight:
+                self._pending_gone.add(row)
+            if rid in q.running:
+                q.stop(req)
+            if q.chunked is req:
+                q.chunked = None
+        del q.reqs[rid]
 
     def req_slots(self, rid: str) -> torch.Tensor:
         """int64 full slots of every position of ``rid`` that has KV."""
         req = self._get(rid)
         if req.row < 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        return self.req_to_token[req.row, : req.kv_len].long()
+        return self.table.slots(req.row, 0, int(self.table.kv_len[req.row]))
 
     def _get(self, rid: str) -> ReqState:
-        if rid not in self._reqs:
+        if rid not in self.queues.reqs:
             raise ValueError(f"unknown rid {rid!r}")
-        return self._reqs[rid]
+        return self.queues.reqs[rid]
+
+    def _pending_rows(self) -> set[int]:
+        return set(self._pending.batch.rows.tolist())
 
     # ---------------------------------------------------------------- steps
 
@@ -205,128 +252,74 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
             # NOTE: pages freed after a backup may be handed out now: the engine's stream
             # must not write them before the backup copy has read them.
             self.tree.host.transfers.wait_backups()
-        plan = self._schedule_prefill() or self._schedule_decode()
+        plan = self.prefill.schedule() or self.decode.schedule()
         if self.tree.host is not None:
             # NOTE: and after every copy issued while planning (write-back backups of pages
             # this plan may reuse): the engine's forward must come after them.
             self.tree.host.transfers.wait_backups()
         self._pending = plan
-        self._pending_reqs = [] if plan is None else [self._reqs[r.rid] for r in plan.reqs]
         return plan
 
     def commit(self, plan: StepPlan, next_token_ids: Sequence[int] | torch.Tensor) -> list[str]:
         """Advance every request of ``plan`` by its step; return the rids that finished.
 
-        ``next_token_ids``: one id per ``plan.reqs`` entry (ignored where the entry produces
-        no token, and for requests aborted since the plan).
+        ``next_token_ids``: one id per request of the plan (ignored where the request
+        produces no token, and for requests aborted since the plan). A device tensor is
+        copied to the host (the one sync an engine that samples on the device pays).
         """
         if plan is None or plan is not self._pending:
             raise ValueError("plan is not the pending plan of this manager")
-        if isinstance(next_token_ids, torch.Tensor):
-            next_token_ids = next_token_ids.tolist()
-        ids = list(next_token_ids)
-        if len(ids) != len(plan.reqs):
-            raise ValueError(
-                f"next_token_ids has {len(ids)} ids, plan has {len(plan.reqs)} requests"
-            )
-        if not all(type(t) is int and t >= 0 for t in ids):
-            raise ValueError("next_token_ids must hold non-negative ints")
-        finished, snapshots = [], []
+        ids = _token_ids(next_token_ids, len(plan))
+        batch, q = plan.batch, self.queues
         with self.allocator.free_group():
-            for sreq, req, token in zip(plan.reqs, self._pending_reqs, ids, strict=True):
-                if self._reqs.get(sreq.rid) is not req:
-                    continue  # aborted after schedule (its rid may be in use again)
-                req.kv_len += sreq.extend_len
-                self.counters["computed_tokens"] += sreq.extend_len
-                if not sreq.is_decode:
-                    self._cache_prefix(req)
-                elif self.states is not None and req.kv_len % self.config.page_size == 0:
-                    snapshots.append(req)
-                if not sreq.produces_token:
-                    continue
-                req.fill_ids.append(token)
-                req.output_len += 1
-                if req.output_len >= req.max_new_tokens:
-                    finished.append(req)
-            if snapshots:
-                self._take_snapshots(snapshots)
+            if batch.is_decode:
+                finished = self.decode.commit(batch, ids, self._pending_gone)
+            else:
+                finished = self._commit_prefill(batch, ids)
             for req in finished:
-                self._release(req)
-                del self._running[req.rid]
-                del self._reqs[req.rid]
+                self.caching.release(req)
+                q.stop(req)
+                del q.reqs[req.rid]
         self._pending = None
-        self._pending_reqs = []
-        if self._in_flight_states:
-            device = self.states.buf.device
-            self.states.allocator.free_pages(torch.tensor(self._in_flight_states, device=device))
-            self._in_flight_states = []
+        self._pending_gone = set()
+        self.caching.free_in_flight_states()
         return [req.rid for req in finished]
 
-    def _make_room(self, full_tokens: int, swa_tokens: int | None = None) -> bool:
-        """Evict until each pool has the tokens free; False if even eviction cannot."""
-        swa_tokens = full_tokens if swa_tokens is None else swa_tokens
-        alloc = self.allocator
-        short_full = max(0, full_tokens - alloc.full_available)
-        short_swa = max(0, swa_tokens - alloc.swa_available)
-        if short_full or short_swa:
-            freed = self.tree.evict(EvictParams(full=short_full, swa=short_swa))
-            self.counters["evicted_full_tokens"] += freed.full
-            self.counters["evicted_swa_tokens"] += freed.swa
-        return full_tokens <= alloc.full_available and swa_tokens <= alloc.swa_available
-
-    def _plan(
-        self,
-        sreqs: list[ScheduledReq],
-        out: torch.Tensor,
-        rows: torch.Tensor,
-        extend_starts: torch.Tensor,
-        seq_lens: torch.Tensor,
-    ) -> StepPlan:
-        cfg = self.config
-        full = kernels.page_table(
-            self.req_to_token,
-            rows,
-            torch.zeros_like(seq_lens),
-            seq_lens,
-            cfg.page_size,
-            backend=cfg.backend,
-        )
-        swa = None
-        if cfg.window is not None:
-            swa = kernels.page_table(
-                self.req_to_token,
-                rows,
-                (extend_starts - cfg.window).clamp(min=0),
-                seq_lens,
-                cfg.page_size,
-                full_to_swa_map=self.allocator.full_to_swa,
-                backend=cfg.backend,
-            )
-        return StepPlan(
-            reqs=sreqs,
-            out_cache_loc=out,
-            req_pool_indices=rows,
-            seq_lens=seq_lens,
-            full_pages=PageTable(*full),
-            swa_pages=None if swa is None else PageTable(*swa),
-            transfers=None if self.tree.host is None else self.tree.host.transfers,
-        )
+    def _commit_prefill(self, batch: StepBatch, ids: np.ndarray) -> list[ReqState]:
+        t, finished = self.table, []
+        produces = batch.produces_token.tolist()
+        for row, n, token, produced in zip(
+            batch.rows.tolist(), batch.extend_lens.tolist(), ids.tolist(), produces, strict=True
+        ):
+            if row in self._pending_gone:
+                continue  # aborted after schedule (its rid may be in use again)
+            req = t.owner[row]
+            t.kv_len[row] += n
+            self.counters["computed_tokens"] += n
+            self.caching.cache_prefix(req)
+            if not produced:
+                continue
+            t.tokens[row, t.fill_len[row]] = token
+            t.fill_len[row] += 1
+            t.output_len[row] += 1
+            if t.output_len[row] >= t.max_new[row]:
+                finished.append(req)
+        return finished
 
     # ---------------------------------------------------------------- introspection
 
     def stats(self) -> dict[str, int]:
         """Gauges (tokens, slots or requests now) and counters (since start)."""
-        alloc, tree = self.allocator, self.tree
-        has_swa = self.config.has_swa
+        alloc, tree, q = self.allocator, self.tree, self.queues
         gauges = {
             "full_free": alloc.full_available,
-            "swa_free": alloc.swa_available if has_swa else 0,
+            "swa_free": alloc.swa_available,
             "state_free": self.states.available if self.states is not None else 0,
             "host_free": tree.host.full.available if tree.host is not None else 0,
             "full_cached": tree.cached_full,
             "swa_cached": tree.cached_swa,
-            "running": len(self._running) + (self._chunked is not None),
-            "waiting": len(self._waiting),
+            "running": len(q.running) + (q.chunked is not None),
+            "waiting": len(q.waiting),
         }
         return gauges | self.counters | {"backed_up_tokens": tree.backed_up_tokens}
 
@@ -335,35 +328,41 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
         the tree and a running request; lock counts match the running requests' locks."""
         self.tree.check()
         self.allocator.check()
-        alloc, ps = self.allocator, self.config.page_size
-        active = [r for r in self._reqs.values() if r.row >= 0]
-        released = self.released_lens.tolist()
+        alloc, ps, t, q = self.allocator, self.config.page_size, self.table, self.queues
+        active = [r for r in q.reqs.values() if r.row >= 0]
         cached = self.tree.cached_slots()
-        own_full = [self.req_to_token[r.row, r.cached_len : r.alloc_len].long() for r in active]
-        own_swa = [
-            self.req_to_token[r.row, max(r.cached_len, released[r.row]) : r.alloc_len].long()
-            for r in active
-        ]
-        full_owners = [cached, *own_full]
-        swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
-        _assert_partition("full", [s // ps for s in full_owners], alloc.full)
-        _assert_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
+        own_full, own_swa = [], []
+        for r in active:
+            row = r.row
+            assert t.owner[row] is r, "a row's owner drifted"
+            assert t.kv_len[row] <= t.alloc_len[row] <= t.fill_len[row] <= t.max_context
+            own_full.append(t.slots(row, int(t.cached_len[row]), int(t.alloc_len[row])))
+            swa_from = max(int(t.cached_len[row]), int(t.released[row]))
+            own_swa.append(t.slots(row, swa_from, int(t.alloc_len[row])))
+        _assert_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
+        if alloc.has_swa:
+            swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
+            _assert_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
         locks: dict[int, int] = {}
         for req in active:
-            assert req.lock is not None and req.lock.node.end == req.cached_len
-            for node in req.lock.node.path():
+            lock = req.lock
+            assert lock is not None and lock.node.end == t.cached_len[req.row]
+            assert (t.pin_start[req.row], t.pin_end[req.row]) == (lock.swa_start, lock.node.end)
+            for node in lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
-                assert node.start < req.lock.swa_start or node.swa, "a locked window lost SWA"
+                assert node.start < lock.swa_start or node.swa, "a locked window lost SWA"
         for node in self.tree._nodes():
             assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
             assert node.host_lock == 0, "a host copy pinned between steps"
             assert node.state_lock == 0, "a snapshot pinned between steps"
-        for req in self._waiting:
-            assert req.row < 0 and req.lock is None and req.kv_len == 0
-        assert len(self._free_rows) + len(active) == self.config.max_running_requests
+        for req in q.waiting:
+            assert req.row < 0 and req.lock is None
+        assert t.free_rows + len(active) == self.config.max_running_requests
+        rows, rids = q.running_batch()
+        assert rids == list(q.running) and rows.tolist() == [r.row for r in q.running.values()]
         if self.states is not None:
             held = self.tree._check_states()
-            held += self._in_flight_states
+            held += self.caching.in_flight_states
             for req in active:
                 held.append(req.state_slot)
                 if req.snapshot is not None:
@@ -380,13 +379,28 @@ class MemoryManager(PrefillMixin, DecodeMixin, CachingMixin):
     def close(self) -> None:
         """Flush and drop every request; the manager is unusable afterwards."""
         self.flush()
-        self._reqs.clear()
-        self._waiting.clear()
-        self._running.clear()
-        self._chunked = None
+        self.queues.clear()
         self._pending = None
-        self._pending_reqs = []
-        self._in_flight_states = []
+        self._pending_gone = set()
+        self.caching.in_flight_states = []
+
+
+def _token_ids(next_token_ids: object, n: int) -> np.ndarray:
+    """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, 2**63)``."""
+    if isinstance(next_token_ids, torch.Tensor):
+        next_token_ids = next_token_ids.tolist()
+    if isinstance(next_token_ids, np.ndarray):
+        ids = next_token_ids
+    else:
+        try:
+            ids = np.asarray(next_token_ids)
+        except (OverflowError, ValueError):
+            raise ValueError("next_token_ids must hold non-negative ints below 2**63") from None
+    if ids.ndim != 1 or len(ids) != n:
+        raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {n} requests")
+    if n and (ids.dtype.kind not in "iu" or ids.dtype == np.uint64 or bool((ids < 0).any())):
+        raise ValueError("next_token_ids must hold non-negative ints below 2**63")
+    return ids.astype(np.int64, copy=False)
 
 
 def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:

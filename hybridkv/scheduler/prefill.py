@@ -2,194 +2,191 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hybridkv import kernels
+from hybridkv.allocator import StatePool, SWAAllocator
 from hybridkv.scheduler.adder import PrefillAdder
-from hybridkv.scheduler.cost import NO_LOAD, Cost, cost, decode_reserve, swa_steady
-from hybridkv.scheduler.plan import ScheduledReq, StepPlan
-from hybridkv.scheduler.records import (
-    Admitted,
-    ReqState,
-)
-from hybridkv.tree import MatchResult
+from hybridkv.scheduler.admission import Admission
+from hybridkv.scheduler.config import CacheConfig
+from hybridkv.scheduler.cost import NO_LOAD, Cost, cost
+from hybridkv.scheduler.pages import PlanBuilder
+from hybridkv.scheduler.plan import StepBatch, StepPlan
+from hybridkv.scheduler.queues import Queues
+from hybridkv.scheduler.records import Admitted, ReqState
+from hybridkv.scheduler.swa_slide import SWASlide
+from hybridkv.scheduler.table import RequestTable
+from hybridkv.scheduler.tp import TPSync
+from hybridkv.tree import MatchResult, RadixTree
 
 
-class PrefillMixin:
-    """The prefill half of :class:`MemoryManager` (its state, its helpers)."""
+class Prefill:
+    """Plans prefill steps: the chunked request's next chunk, then waiting requests in order
+    while every pool has room for what they cost (the one cost function)."""
 
-    def _rooms(self) -> Cost:
-        """Each pool's available + evictable tokens (state: slots and unpinned snapshots)."""
-        tree, alloc = self.tree, self.allocator
-        state = 0
-        if self.states is not None:
-            pinned = sum(1 for n in tree._nodes() if n.state is not None and n.state_lock)
-            state = self.states.available + tree.cached_states - pinned
-        return Cost(
-            alloc.full_available + tree.evictable_full,
-            alloc.swa_available + tree.evictable_swa,
-            state,
-        )
+    def __init__(
+        self,
+        config: CacheConfig,
+        table: RequestTable,
+        queues: Queues,
+        tree: RadixTree,
+        allocator: SWAAllocator,
+        states: StatePool | None,
+        admission: Admission,
+        slide: SWASlide,
+        pages: PlanBuilder,
+        tp: TPSync,
+        counters: dict[str, int],
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.queues = queues
+        self.tree = tree
+        self.allocator = allocator
+        self.states = states
+        self.admission = admission
+        self.slide = slide
+        self.pages = pages
+        self.tp = tp
+        self.counters = counters
 
-    def _swa_held(self, req: ReqState) -> int:
-        """SWA tokens a request keeps alive: the window of its prefix its lock pins in the
-        tree, and (once running) its own SWA tokens not yet released. A new request's chunk
-        is charged only for what it adds to them."""
-        if self.config.window is None:
-            return 0
-        pinned = max(0, req.lock.node.end - req.lock.swa_start)
-        if req.row < 0:
-            return pinned
-        return pinned + req.alloc_len - max(req.cached_len, int(self.released_lens[req.row]))
-
-    def _running_reservation(self) -> Cost:
-        """Full tokens held back for running decodes; SWA tokens they may still grow by."""
-        full = swa = 0
-        steady = swa_steady(self.config)
-        released = self.released_lens.tolist()
-        for req in self._running.values():
-            full += decode_reserve(req.remaining_new_tokens, self.new_token_ratio)
-            own = req.alloc_len - max(req.cached_len, released[req.row])
-            swa += max(0, steady - own)
-        return Cost(full, swa if self.config.has_swa else 0)
-
-    def _window_start(self, end: int) -> int:
-        """First position of the last window before ``end``, on a page boundary."""
-        start = max(0, end - (self.config.window or 0))
-        return start - start % self.config.page_size
-
-    def _decode_reserve(self, req: ReqState, admitted: list[Admitted]) -> int:
-        """The decode reservation of a request being admitted: none when nothing else runs
-        (a lone request always fits, and reserving for it could block it forever)."""
-        if not self._running and not any(a.req is not req for a in admitted):
-            return 0
-        return decode_reserve(req.remaining_new_tokens, self.new_token_ratio)
-
-    def _schedule_prefill(self) -> StepPlan | None:
-        if self._chunked is None and not self._waiting:
+    def schedule(self) -> StepPlan | None:
+        q, t, adm = self.queues, self.table, self.admission
+        if q.chunked is None and not q.waiting:
             return None
-        adder = PrefillAdder(self.config, self._running_reservation())
+        adder = PrefillAdder(self.config, adm.running_reservation())
         admitted: list[Admitted] = []
-        chunked = self._chunked
+        chunked = q.chunked
         if chunked is not None:
-            self._release_swa([chunked])
-            held = self._swa_held(chunked)
+            row = chunked.row
+            self.slide.release(np.array([row], dtype=np.int64))
+            held = adm.swa_held(chunked)
+            start, fill_len = int(t.kv_len[row]), int(t.fill_len[row])
             chunk = adder.admit(
-                self._rooms(),
-                chunked.kv_len,
-                len(chunked.fill_ids) - chunked.kv_len,
-                self._decode_reserve(chunked, admitted),
-                held,
+                adm.rooms(), start, fill_len - start, adm.decode_reserve(chunked, False), held
             )
             if chunk == 0:
                 return None
-            admitted.append(Admitted(chunked, chunk, held, None))
-        for req in self._waiting:
-            if len(admitted) - (chunked is not None) == len(self._free_rows):
+            admitted.append(Admitted(chunked, start, chunk, fill_len, held))
+        for req in q.waiting:
+            if len(admitted) - (chunked is not None) == t.free_rows:
                 break
             if admitted and not admitted[-1].completes:
                 break  # a partial chunk took what was left
-            match = self._match(req)
-            lock = self.tree.inc_lock(match.last_node, self._window_start(match.last_host_node.end))
-            load_start = match.load_start
-            self.tree.pin_host(match.last_host_node, load_start, +1)
-            load = Cost(
-                match.host_hit_length, match.swa_host_hit_length, int(match.state_from_host)
-            )
-            prefix_len = match.length + match.host_hit_length
-            req.lock, req.kv_len = lock, prefix_len
-            held = self._swa_held(req)
-            seed = match.last_host_node if self.states is not None else None
-            if seed is not None:
-                seed.state_lock += 1  # its snapshot seeds the working state
-            chunk = adder.admit(
-                self._rooms(),
-                prefix_len,
-                len(req.fill_ids) - prefix_len,
-                self._decode_reserve(req, admitted),
-                held,
-                load,
-                new=True,
-            )
-            if chunk == 0:
-                if seed is not None:
-                    seed.state_lock -= 1
-                self.tree.pin_host(match.last_host_node, load_start, -1)
-                self.tree.dec_lock(lock)
-                req.lock, req.kv_len = None, 0
+            a = self._admit_new(req, adder, bool(admitted))
+            if a is None:
                 break
-            admitted.append(Admitted(req, chunk, held, match, load, load_start))
+            admitted.append(a)
         if not admitted:
             return None
         for a in admitted:
             if a.match is not None:
-                self._waiting.popleft()
-                a.req.row = self._free_rows.pop()
+                q.waiting.popleft()
+                t.take(a.req, a.start)
         plan = self._extend(admitted)
-        self._chunked = None
+        q.chunked = None
         for a in admitted:
             if a.completes:
-                self._running[a.req.rid] = a.req
+                q.start(a.req)
             else:
-                self._chunked = a.req
+                q.chunked = a.req
         return plan
+
+    def _admit_new(self, req: ReqState, adder: PrefillAdder, others: bool) -> Admitted | None:
+        """Match a waiting request, lock its prefix and offer its first chunk to ``adder``;
+        ``None`` (everything undone) when it does not fit."""
+        adm = self.admission
+        match = self._match(req)
+        lock = self.tree.inc_lock(match.last_node, adm.window_start(match.last_host_node.end))
+        load_start = match.load_start
+        self.tree.pin_host(match.last_host_node, load_start, +1)
+        load = Cost(match.host_hit_length, match.swa_host_hit_length, int(match.state_from_host))
+        prefix_len = match.length + match.host_hit_length
+        req.lock = lock
+        held = adm.swa_held(req)
+        seed = match.last_host_node if self.states is not None else None
+        if seed is not None:
+            seed.state_lock += 1  # its snapshot seeds the working state
+        fill_len = len(req.fill_ids)
+        chunk = adder.admit(
+            adm.rooms(),
+            prefix_len,
+            fill_len - prefix_len,
+            adm.decode_reserve(req, others),
+            held,
+            load,
+            new=True,
+        )
+        if chunk == 0:
+            if seed is not None:
+                seed.state_lock -= 1
+            self.tree.pin_host(match.last_host_node, load_start, -1)
+            self.tree.dec_lock(lock)
+            req.lock = None
+            return None
+        return Admitted(req, prefix_len, chunk, fill_len, held, match, load, load_start)
 
     def _extend(self, admitted: list[Admitted]) -> StepPlan:
         """Evict what the batch lacks, load back matched host KV, allocate the new tokens in one
         call per pool, and fill req_to_token."""
-        cfg, ps = self.config, self.config.page_size
-        prefix_lens = torch.tensor([a.req.kv_len for a in admitted], dtype=torch.int64)
-        seq_lens = prefix_lens + torch.tensor([a.chunk for a in admitted], dtype=torch.int64)
-        pages = (seq_lens + ps - 1) // ps - (prefix_lens + ps - 1) // ps
+        cfg, ps, t = self.config, self.config.page_size, self.table
+        starts = np.array([a.start for a in admitted], dtype=np.int64)
+        chunks = np.array([a.chunk for a in admitted], dtype=np.int64)
+        seq_lens = starts + chunks
+        pages = (seq_lens + ps - 1) // ps - (starts + ps - 1) // ps
         for n, a in zip(pages.tolist(), admitted, strict=True):
             # NOTE: allocation never takes more than admission charged (one cost function);
             # both pools take n pages (SWA pages are paired with full pages).
-            end = a.req.kv_len + a.chunk
+            end = a.start + a.chunk
             charged = cost(cfg, a.chunk, a.swa_held, a.load, chunk_end=end, new=a.match is not None)
             assert n * ps + a.load.full <= charged.full, "full allocation exceeds the cost"
             assert cfg.window is None or n * ps + a.load.swa <= charged.swa, "SWA exceeds the cost"
             takes = int(a.match is not None) + a.load.state + int(end % ps == 0)
             assert self.states is None or takes <= charged.state, "state exceeds the cost"
         load = sum((a.load for a in admitted), NO_LOAD)
-        self._make_room(int(pages.sum()) * ps + load.full, int(pages.sum()) * ps + load.swa)
+        new_tokens = int(pages.sum()) * ps
+        swa_need = new_tokens + load.swa if cfg.window is not None else 0
+        self.admission.make_room(new_tokens + load.full, swa_need)
         if self.states is not None:
             new = sum(1 for a in admitted if a.match is not None)
             self.tree.evict_states(new + load.state - self.states.available)
-        prefixes = self._take_prefixes([a for a in admitted if a.match is not None])
-        rows = torch.tensor([a.req.row for a in admitted], dtype=torch.int64, device=self.device)
-        prefix_dev = prefix_lens.to(self.device)
-        last_loc = self.req_to_token[rows, (prefix_dev - 1).clamp(min=0)].long()
-        out = self.allocator.alloc_extend(prefix_lens, seq_lens, last_loc)
+        new = [a for a in admitted if a.match is not None]
+        prefixes = self._take_prefixes(new)
+        rows = np.array([a.req.row for a in admitted], dtype=np.int64)
+        write_lens = np.array([a.start if a.match is not None else 0 for a in admitted])
+        batch = StepBatch(
+            rids=[a.req.rid for a in admitted],
+            rows=rows,
+            extend_starts=starts,
+            extend_lens=chunks,
+            qo_indptr=np.concatenate(([0], np.cumsum(chunks))),
+            is_decode=False,
+            produces_token=np.array([a.completes for a in admitted], dtype=bool),
+            cached_lens=np.array([a.match.length if a.match else 0 for a in admitted]),
+            loaded_lens=np.array([a.load.full for a in admitted], dtype=np.int64),
+            state_slots=np.array([a.req.state_slot for a in admitted], dtype=np.int64),
+        )
+        last = t.flat_positions(rows, np.maximum(starts - 1, 0))
+        inputs = self.pages.inputs(batch, last, write_lens.astype(np.int64))
+        last_dev, write_lens_dev = inputs.extra
+        last_loc = t.flat.index_select(0, last_dev).long()
+        out = self.allocator.alloc_extend(
+            starts, seq_lens, last_loc, (inputs.extend_starts, inputs.seq_lens)
+        )
         assert out is not None, "admitted batch does not fit after eviction"
-        write_lens = [a.req.kv_len if a.match is not None else 0 for a in admitted]
         kernels.write_req_to_token(
-            self.req_to_token,
-            rows,
+            t.req_to_token,
+            inputs.rows,
             torch.cat(prefixes) if prefixes else out[:0],
-            torch.tensor(write_lens, dtype=torch.int64, device=self.device),
+            write_lens_dev,
             out,
-            prefix_dev,
-            seq_lens.to(self.device) - prefix_dev,
+            inputs.extend_starts,
+            inputs.seq_lens - inputs.extend_starts,
             backend=cfg.backend,
         )
-        sreqs = []
-        for a in admitted:
-            start = a.req.kv_len
-            a.req.alloc_len = start + a.chunk
-            sreqs.append(
-                ScheduledReq(
-                    rid=a.req.rid,
-                    req_pool_index=a.req.row,
-                    extend_start=start,
-                    extend_len=a.chunk,
-                    is_decode=False,
-                    produces_token=a.completes,
-                    cached_len=a.match.length if a.match is not None else 0,
-                    loaded_len=a.load.full,
-                    state_slot=a.req.state_slot,
-                )
-            )
-        return self._plan(sreqs, out, rows, prefix_dev, seq_lens.to(self.device))
+        t.alloc_len[rows] = seq_lens
+        return self.pages.build(batch, out, inputs)
 
     def _match(self, req: ReqState) -> MatchResult:
         """Prefetch from storage, then match: the same result on every TP rank.
@@ -212,6 +209,7 @@ class PrefillMixin:
     def _take_prefixes(self, new: list[Admitted]) -> list[torch.Tensor]:
         """Load the new requests' host hits back (one call per pool), move each lock to the end
         of its whole prefix, and return each prefix's device slots."""
+        t = self.table
         ends = [a.match.last_host_node for a in new if a.load.full or a.load.swa]
         if ends:
             self.counters["loaded_tokens"] += self.tree.load_back(ends)
@@ -223,10 +221,9 @@ class PrefillMixin:
             if a.load.full or a.load.swa:
                 lock = self.tree.inc_lock(match.last_host_node)
                 self.tree.dec_lock(req.lock)
-                req.lock = lock
+                t.set_lock(req, lock)
             self.tree.pin_host(match.last_host_node, a.load_start, -1)
-            req.cached_len = req.kv_len
-            self.released_lens[req.row] = req.cached_len
+            t.cached_len[req.row] = t.released[req.row] = a.start
             self.counters["device_hit_tokens"] += match.length
             self.counters["host_hit_tokens"] += a.load.full
             prefixes.append(self.tree.prefix_slots(req.lock.node))

@@ -1,4 +1,4 @@
-"""Plain records of the scheduler: a request's progress and a chunk admitted this step."""
+"""Plain records of the scheduler: a request and a chunk admitted this step."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ NEW_TOKEN_RATIO_DECAY = 0.001
 
 @dataclass(slots=True, eq=False)
 class ReqState:
-    """A request's progress. Positions ``[0, kv_len)`` have KV, ``[0, alloc_len)`` slots
-    (in ``req_to_token[row]``); ``[0, cached_len)`` are the tree's (locked by ``lock``)."""
+    """A request. While it holds a row (``row >= 0``), its lengths and ids are the
+    :class:`~hybridkv.scheduler.table.RequestTable`'s; ``fill_ids`` and ``output_len`` are
+    what it had when it last gave its row back (or its prompt)."""
 
     rid: str
     fill_ids: list[int]  # prompt, then every generated token
@@ -25,10 +26,7 @@ class ReqState:
     max_new_tokens: int
     arrival: int
     row: int = -1
-    kv_len: int = 0
-    alloc_len: int = 0
-    cached_len: int = 0
-    lock: LockHandle | None = None
+    lock: LockHandle | None = None  # the tree path it pins (its cached prefix)
     state_slot: int = -1  # working recurrent state (running requests of a mamba model)
     snapshot: tuple[int, int] | None = None  # (position, slot): its state at a page boundary
 
@@ -39,11 +37,13 @@ class ReqState:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A request's chunk admitted this step; ``match`` is its matched prefix if it is new,
-    ``load`` what loading that prefix back from host takes."""
+    """A request's chunk ``[start, start + chunk)`` admitted this step; ``match`` is its
+    matched prefix if it is new, ``load`` what loading that prefix back from host takes."""
 
     req: ReqState
+    start: int
     chunk: int
+    fill_len: int  # ids the request has: the chunk completes its prefill when it ends there
     swa_held: int
     match: MatchResult | None = None
     load: Cost = NO_LOAD
@@ -51,4 +51,4 @@ class Admitted:
 
     @property
     def completes(self) -> bool:
-        return self.req.kv_len + self.chunk == len(self.req.fill_ids)
+        return self.start + self.chunk == self.fill_len

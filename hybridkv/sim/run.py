@@ -265,7 +265,7 @@ def _check(mm: MemoryManager, res: SimResult) -> bool:
 def _sample(mm: MemoryManager, res: SimResult, stats: dict[str, int]) -> Sample:
     alloc = mm.allocator
     full_cap = (alloc.full.num_pages - 1) * alloc.page_size
-    swa_cap = (alloc.swa.num_pages - 1) * alloc.page_size
+    swa_cap = (alloc.swa.num_pages - 1) * alloc.page_size if alloc.has_swa else 0
     hits = stats["device_hit_tokens"] + stats["host_hit_tokens"] + stats["storage_hit_tokens"]
     return Sample(
         res.steps,

@@ -319,7 +319,7 @@ class HostMixin:
         n_full = sum(len(n) for n in full_nodes) // ps
         n_swa = sum(len(n) for n in swa_nodes) // ps
         dev_pages = alloc.full.alloc_pages(n_full)
-        swa_pages = alloc.swa.alloc_pages(n_swa)
+        swa_pages = alloc.swa.alloc_pages(n_swa) if alloc.has_swa else dev_pages[:0]
         assert dev_pages is not None and swa_pages is not None, "load back without room"
         host_full = torch.cat([_pages(n.host_full, ps) for n in full_nodes]) if n_full else None
         host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes]) if n_swa else None

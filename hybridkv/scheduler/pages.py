@@ -1,0 +1,153 @@
+"""Step inputs on the device and the plan's page tables, one kernel call per pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hybridkv import kernels
+from hybridkv.allocator import SWAAllocator
+from hybridkv.allocator.upload import upload_many
+from hybridkv.scheduler.config import CacheConfig
+from hybridkv.scheduler.plan import PageTable, StepBatch, StepPlan
+from hybridkv.scheduler.table import RequestTable
+from hybridkv.tree import Transfers
+
+
+class StepInputs:
+    """A step's per-request arrays on the device, uploaded in one copy."""
+
+    __slots__ = ("rows", "extend_starts", "seq_lens", "full_starts", "swa_starts", "extra")
+
+    def __init__(self, device: torch.device, batch: StepBatch, window: int | None, *extra):
+        starts = batch.extend_starts
+        swa_starts = np.maximum(starts - window, 0) if window is not None else starts[:0]
+        zeros = np.zeros(len(starts), dtype=np.int64)
+        arrays = (batch.rows, starts, starts + batch.extend_lens, zeros, swa_starts, *extra)
+        views = upload_many(device, *arrays)
+        self.rows, self.extend_starts, self.seq_lens, self.full_starts, self.swa_starts = views[:5]
+        self.extra = views[5:]
+
+
+def ceil_pages(tokens: np.ndarray, page_size: int) -> np.ndarray:
+    return (tokens + page_size - 1) // page_size
+
+
+class HostPageTable:
+    """A page table's CSR layout worked out on the host: ``kv_indptr``, ``kv_last_page_len``
+    and the ``req_to_token`` position of each listed page's first token (flat index)."""
+
+    __slots__ = ("kv_indptr", "kv_last_page_len", "positions")
+
+    def __init__(
+        self,
+        table: RequestTable,
+        rows: np.ndarray,
+        kv_starts: np.ndarray,
+        seq_lens: np.ndarray,
+        page_size: int,
+    ) -> None:
+        first = kv_starts // page_size
+        end = ceil_pages(seq_lens, page_size)
+        counts = end - first
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        # page j of request i is at rows[i] * ctx + (first[i] + j) * ps; its index in the
+        # table is indptr[i] + j, hence a per-request base plus a global stride.
+        base = table.flat_positions(rows, (first - indptr[:-1]) * page_size)
+        self.positions = np.repeat(base, counts) + np.arange(indptr[-1]) * page_size
+        self.kv_indptr = indptr
+        self.kv_last_page_len = np.where(counts > 0, seq_lens - (end - 1) * page_size, 0)
+
+
+class PlanBuilder:
+    """Builds a :class:`StepPlan`: the full page table over each request's context and the
+    SWA one over its trailing window (page counts known on the host, so nothing syncs).
+
+    NOTE: with the Triton backend each table is one ``page_table`` launch over the uploaded
+    rows and lengths. With the torch backend (the CPU path) the CSR layout is worked out
+    in numpy and the device does one gather per table: the torch reference of
+    ``page_table`` takes ~25 small ops per table, which on a CPU costs more than the rest
+    of a decode step together. Both give the same tables (tests compare them).
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        table: RequestTable,
+        allocator: SWAAllocator,
+        transfers: Transfers | None,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.allocator = allocator
+        self.transfers = transfers
+        self.host_tables = kernels.resolve_backend(config.backend, table.device) == "torch"
+
+    def inputs(self, batch: StepBatch, *extra: np.ndarray) -> StepInputs:
+        """Upload ``batch``'s rows, starts and lengths (and ``extra`` int64 arrays)."""
+        return StepInputs(self.table.device, batch, self.config.window, *extra)
+
+    def build(self, batch: StepBatch, out: torch.Tensor, inputs: StepInputs) -> StepPlan:
+        if self.host_tables:
+            full, swa = self._host_tables(batch)
+        else:
+            full, swa = self._device_tables(batch, inputs)
+        return StepPlan(
+            batch=batch,
+            out_cache_loc=out,
+            req_pool_indices=inputs.rows,
+            seq_lens=inputs.seq_lens,
+            full_pages=full,
+            swa_pages=swa,
+            transfers=self.transfers,
+        )
+
+    def _host_tables(self, batch: StepBatch) -> tuple[PageTable, PageTable | None]:
+        cfg, ps, t = self.config, self.config.page_size, self.table
+        seq = batch.extend_starts + batch.extend_lens
+        layouts = [HostPageTable(t, batch.rows, np.zeros_like(seq), seq, ps)]
+        if cfg.window is not None:
+            swa_starts = np.maximum(batch.extend_starts - cfg.window, 0)
+            layouts.append(HostPageTable(t, batch.rows, swa_starts, seq, ps))
+        arrays = [a for h in layouts for a in (h.positions, h.kv_indptr, h.kv_last_page_len)]
+        views = upload_many(t.device, *arrays)
+        tables = []
+        for k, _ in enumerate(layouts):
+            positions, indptr, last = views[3 * k : 3 * k + 3]
+            first_slots = t.flat.index_select(0, positions)
+            if k == 1:
+                first_slots = self.allocator.full_to_swa.index_select(0, first_slots)
+            pages = torch.div(first_slots, ps, rounding_mode="floor").int()
+            tables.append(PageTable(indptr.int(), pages, last.int()))
+        return tables[0], (tables[1] if len(tables) > 1 else None)
+
+    def _device_tables(
+        self, batch: StepBatch, inputs: StepInputs
+    ) -> tuple[PageTable, PageTable | None]:
+        cfg, ps = self.config, self.config.page_size
+        seq = batch.extend_starts + batch.extend_lens
+        end_pages = ceil_pages(seq, ps)
+        full = kernels.page_table(
+            self.table.req_to_token,
+            inputs.rows,
+            inputs.full_starts,
+            inputs.seq_lens,
+            ps,
+            num_pages=int(end_pages.sum()),
+            backend=cfg.backend,
+        )
+        swa = None
+        if cfg.window is not None:
+            first = np.maximum(batch.extend_starts - cfg.window, 0) // ps
+            swa = kernels.page_table(
+                self.table.req_to_token,
+                inputs.rows,
+                inputs.swa_starts,
+                inputs.seq_lens,
+                ps,
+                full_to_swa_map=self.allocator.full_to_swa,
+                num_pages=int((end_pages - first).sum()),
+                backend=cfg.backend,
+            )
+        return PageTable(*full), (None if swa is None else PageTable(*swa))

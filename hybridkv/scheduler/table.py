@@ -1,0 +1,92 @@
+"""The request table: per-row state of every request that holds slots.
+
+A row is a request's place in ``req_to_token`` (the engine's page table, on the device).
+Its lengths and token ids live on the host in numpy arrays indexed by row, so a step
+reads and advances a whole batch with a few array operations and never asks the device::
+
+    pos:  0          cached_len        released       kv_len   alloc_len   fill_len
+          |  the tree's (locked)  |  own, no SWA  |  own KV  | allocated |  ids only
+                                  (SWA layers)
+
+``tokens[row, :fill_len]`` are the prompt and every generated token; ``pin_start`` and
+``pin_end`` mirror the request's tree lock (it pins the SWA KV of ``[pin_start, pin_end)``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from hybridkv.scheduler.records import ReqState
+    from hybridkv.tree import LockHandle
+
+
+class RequestTable:
+    """Rows, their device page-table rows and their host-side lengths and tokens."""
+
+    def __init__(self, rows: int, max_context: int, device: torch.device) -> None:
+        self.rows = rows
+        self.max_context = max_context
+        self.device = device
+        self.req_to_token = torch.zeros(rows, max_context, dtype=torch.int32, device=device)
+        self.flat = self.req_to_token.view(-1)  # position p of row r is flat[r * max_context + p]
+        self.tokens = np.zeros((rows, max_context), dtype=np.int64)
+        zeros = lambda: np.zeros(rows, dtype=np.int64)  # noqa: E731
+        self.kv_len, self.alloc_len, self.cached_len = zeros(), zeros(), zeros()
+        self.released, self.fill_len = zeros(), zeros()
+        self.output_len, self.max_new, self.arrival = zeros(), zeros(), zeros()
+        self.pin_start, self.pin_end = zeros(), zeros()
+        self.owner: list[ReqState | None] = [None] * rows
+        self._free = list(range(rows - 1, -1, -1))
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def take(self, req: ReqState, kv_len: int) -> int:
+        """Give ``req`` a row holding its ids, ``kv_len`` positions of which have KV (its
+        cached prefix); return the row."""
+        row = self._free.pop()
+        ids = req.fill_ids
+        self.tokens[row, : len(ids)] = ids
+        self.fill_len[row] = len(ids)
+        self.kv_len[row] = self.alloc_len[row] = kv_len
+        self.cached_len[row] = self.released[row] = 0
+        self.output_len[row] = req.output_len
+        self.max_new[row] = req.max_new_tokens
+        self.arrival[row] = req.arrival
+        self.owner[row] = req
+        req.row = row
+        self.set_lock(req, req.lock)
+        return row
+
+    def give_back(self, req: ReqState) -> None:
+        """Free ``req``'s row, leaving its ids and output count on the request."""
+        row = req.row
+        req.fill_ids = self.fill_ids(row)
+        req.output_len = int(self.output_len[row])
+        self.owner[row] = None
+        self._free.append(row)
+        req.row = -1
+
+    def set_lock(self, req: ReqState, lock: LockHandle | None) -> None:
+        """Set ``req.lock`` (and its mirror in the row, if it has one)."""
+        req.lock = lock
+        if req.row >= 0 and lock is not None:
+            self.pin_start[req.row] = lock.swa_start
+            self.pin_end[req.row] = lock.node.end
+
+    def fill_ids(self, row: int, end: int | None = None) -> list[int]:
+        """The ids of positions ``[0, end)`` of ``row`` (default: every id it has)."""
+        return self.tokens[row, : self.fill_len[row] if end is None else end].tolist()
+
+    def slots(self, row: int, start: int, end: int) -> torch.Tensor:
+        """int64 full slots of positions ``[start, end)`` of ``row``."""
+        return self.req_to_token[row, start:end].long()
+
+    def flat_positions(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Indices into :attr:`flat` of ``(rows[i], positions[i])``."""
+        return rows * self.max_context + positions

@@ -1,0 +1,191 @@
+"""The step engine: a steady decode step never syncs, and its op count does not grow with
+the batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from hybridkv import CacheConfig, MemoryManager, Request, kernels
+from tests.helpers import DEVICE, count_syncs
+
+PROMPT, WINDOW, PAGE = 64, 32, 16
+MAX_NEW = 200
+
+
+@contextlib.contextmanager
+def debug_off() -> Iterator[None]:
+    was = kernels.debug_enabled()
+    kernels.set_debug(False)
+    try:
+        yield
+    finally:
+        kernels.set_debug(was)
+
+
+def _decoding(running: int, swa: bool, backend: str) -> MemoryManager:
+    """A manager whose next steps decode all ``running`` requests in lockstep, with room
+    for everything (a steady step: nothing to evict or retract), windows past the prompts
+    (their locks pin no SWA any more)."""
+    cfg = CacheConfig(
+        num_layers=4,
+        swa_layer_ids=(1, 2) if swa else (),
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=PAGE,
+        sliding_window=WINDOW,
+        full_tokens=running * (PROMPT + MAX_NEW + 2 * PAGE),
+        swa_tokens=running * (PROMPT + WINDOW + 4 * PAGE),
+        max_running_requests=running,
+        max_prefill_tokens=running * PROMPT,
+        max_context_len=PROMPT + MAX_NEW,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend=backend,
+    )
+    mm = MemoryManager(cfg)
+    for i in range(running):
+        mm.add_request(Request(f"r{i}", [i + 1, *range(PROMPT - 1)], MAX_NEW))
+    while True:
+        plan = mm.schedule()
+        assert plan is not None
+        mm.commit(plan, [1] * len(plan))
+        if plan.batch.is_decode:
+            break
+    for _ in range(WINDOW + 2 * PAGE):
+        mm.commit(mm.schedule(), [1] * running)
+    return mm
+
+
+def _steps(mm: MemoryManager, steps: int) -> tuple[int, list[str]]:
+    """Run decode steps under the counter; return (aten ops, syncs)."""
+    n = mm.stats()["running"]
+    tokens = [1] * n
+    ops, syncs = 0, []
+    with debug_off():
+        for _ in range(steps):
+            with count_syncs() as count:
+                plan = mm.schedule()
+                mm.commit(plan, tokens)
+            assert plan.batch.is_decode and len(plan) == n
+            ops += count.ops
+            syncs += count.syncs
+    return ops, syncs
+
+
+def _backends() -> list[str]:
+    return ["torch", "triton"] if torch.cuda.is_available() else ["torch"]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("swa", [False, True])
+@pytest.mark.parametrize("running", [1, 64, 256])
+def test_steady_decode_step_never_syncs(running: int, swa: bool, backend: str) -> None:
+    """A page's worth of steady decode steps (SWA pages slide out, pages fill) makes no
+    device->host sync at 1, 64 and 256 running."""
+    mm = _decoding(running, swa, backend)
+    _, syncs = _steps(mm, PAGE + 1)
+    assert syncs == []
+    mm.check()
+
+
+@pytest.mark.parametrize("swa", [False, True])
+def test_decode_ops_do_not_grow_with_the_batch(swa: bool) -> None:
+    """The same page's worth of steps costs the same aten ops at 1 and 256 running."""
+    small = _steps(_decoding(1, swa, "torch"), PAGE)[0]
+    large = _steps(_decoding(256, swa, "torch"), PAGE)[0]
+    assert large == small
+    assert small <= PAGE * (45 if swa else 25)
+
+
+def test_full_only_model_has_no_swa_pool() -> None:
+    """Without SWA layers there is no SWA pool, no map and no SWA page table."""
+    mm = _decoding(4, False, "torch")
+    assert mm.allocator.swa is None and mm.allocator.full_to_swa is None
+    plan = mm.schedule()
+    assert plan.swa_pages is None
+    mm.commit(plan, [1] * len(plan))
+    assert mm.stats()["swa_free"] == 0
+    mm.check()
+
+
+def test_plan_struct_of_arrays_matches_reqs() -> None:
+    """qo_indptr, extend starts and lengths agree with plan.reqs, for prefill and decode."""
+    cfg = CacheConfig(
+        num_layers=2,
+        swa_layer_ids=(1,),
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=4,
+        sliding_window=8,
+        full_tokens=512,
+        swa_tokens=256,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend="torch",
+    )
+    mm = MemoryManager(cfg)
+    mm.add_request(Request("a", list(range(10)), 3))
+    mm.add_request(Request("b", list(range(5)), 3))
+    for _ in range(3):
+        plan = mm.schedule()
+        reqs = plan.reqs
+        lens = [r.extend_len for r in reqs]
+        assert plan.qo_indptr.tolist() == [0, *torch.tensor(lens).cumsum(0).tolist()]
+        assert plan.qo_indptr.dtype == torch.int32
+        assert plan.extend_starts.tolist() == [r.extend_start for r in reqs]
+        assert plan.extend_lens.tolist() == lens
+        assert plan.req_pool_indices.tolist() == [r.req_pool_index for r in reqs]
+        assert plan.out_cache_loc.numel() == sum(lens)
+        mm.commit(plan, [7] * len(plan))
+        mm.check()
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_host_page_tables_equal_the_kernel_reference(page_size: int) -> None:
+    """The torch path's host-built page tables equal page_table_reference's, full and SWA,
+    for prefill (ragged, chunked, prefix hits) and decode steps."""
+    cfg = CacheConfig(
+        num_layers=3,
+        swa_layer_ids=(1,),
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=page_size,
+        sliding_window=6,
+        full_tokens=2048,
+        swa_tokens=1024,
+        chunked_prefill_size=32,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend="torch",
+    )
+    mm = MemoryManager(cfg)
+    shared = list(range(40))
+    for i, n in enumerate([1, 37, 5, 64, 17]):
+        mm.add_request(Request(f"r{i}", shared[: n // 2] + [100 + i] * (n - n // 2), 12))
+    steps = 0
+    while (plan := mm.schedule()) is not None:
+        b = plan.batch
+        seq = plan.seq_lens
+        starts = torch.as_tensor(b.extend_starts).to(seq.device)
+        full = kernels.page_table_reference(
+            mm.req_to_token, plan.req_pool_indices, torch.zeros_like(seq), seq, page_size
+        )
+        swa = kernels.page_table_reference(
+            mm.req_to_token,
+            plan.req_pool_indices,
+            (starts - cfg.window).clamp(min=0),
+            seq,
+            page_size,
+            full_to_swa_map=mm.allocator.full_to_swa,
+        )
+        for got, want in ((plan.full_pages, full), (plan.swa_pages, swa)):
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype == torch.int32 and torch.equal(g, w)
+        mm.commit(plan, [3] * len(plan))
+        mm.check()
+        steps += 1
+    assert steps > 5
