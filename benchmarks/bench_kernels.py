@@ -4,7 +4,9 @@
 
 Inputs come from ``inputs.py`` (shared with ``gpu_kernels.py``); each case is first run once
 through the public function with ``backend="torch"``, so its argument checks vouch for the
-inputs. Page copies also time a contiguous ``copy_`` of the same bytes. Times are reported,
+inputs. ``test_public`` times the public function on the torch backend (the CPU production
+path: launcher checks included, debug checks off, the host-known sizes passed as a real caller
+does). Page copies also time a contiguous ``copy_`` of the same bytes. Times are reported,
 never asserted.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from hybridkv.kernels import debug_enabled, set_debug
 from hybridkv.kernels.cases import BATCHES, JOBS, build_case
 
 COPY_JOBS = [job for job in JOBS if job.startswith("page_copy_")]
@@ -26,6 +29,22 @@ def test_reference(benchmark, job: str, batch: int) -> None:
     benchmark.group = job
     benchmark.extra_info["nbytes"] = case.nbytes
     benchmark(case.run_reference)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("job", JOBS)
+def test_public(benchmark, job: str, batch: int) -> None:
+    """One call of the public function, torch backend, debug checks off, on CPU."""
+    case = build_case(job, batch)
+    case.run("torch")
+    benchmark.group = job
+    benchmark.extra_info["nbytes"] = case.nbytes
+    was = debug_enabled()
+    set_debug(False)
+    try:
+        benchmark(case.run, "torch")
+    finally:
+        set_debug(was)
 
 
 @pytest.mark.parametrize("batch", BATCHES)

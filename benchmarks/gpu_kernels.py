@@ -3,8 +3,9 @@
     python benchmarks/gpu_kernels.py             # needs a CUDA device
     python benchmarks/gpu_kernels.py --dry-run   # CPU: build every input, run each provider once
 
-Each provider calls the public function (argument checks and their host syncs included) with
-``backend="triton"`` or ``"torch"``; page copies add ``copy_``, a contiguous copy of the same
+Each provider calls the public function with ``backend="triton"`` or ``"torch"``, passing the
+host-known sizes a real caller passes; its metadata checks are included, its sync-needing value
+checks only with ``HYBRIDKV_DEBUG=1`` (the header says which); page copies add ``copy_``, a contiguous copy of the same
 bytes between the same two memories (device, or pinned host). Times are the median, 20th and
 80th percentiles of ``triton.testing.do_bench``; GB/s is ``Case.nbytes`` over the median.
 ``--dry-run`` times one call with ``time.perf_counter`` and runs the torch backend for every
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # hybridkv from th
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from hybridkv.kernels import debug_enabled  # noqa: E402
 from hybridkv.kernels.cases import BATCHES, CPU_KV, GPU_KV, JOBS, Case, build_case  # noqa: E402
 
 QUANTILES = [0.5, 0.2, 0.8]
@@ -86,6 +88,7 @@ def header(device: torch.device, dry_run: bool) -> str:
         f"device: {name or device.type}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton.__version__}",
         f"page copies: {GPU_KV if device.type == 'cuda' else CPU_KV}",
+        f"debug checks (HYBRIDKV_DEBUG): {'on' if debug_enabled() else 'off'}",
     ]
     if dry_run:
         lines.append(

@@ -460,3 +460,34 @@ def test_swa_release_on_gpu_never_frees_page_zero(batch: int, page_size: int) ->
         still = set((got_map[got_map > 0] // page_size).tolist())
         assert still | set(got.tolist()) == live, "an SWA page leaked"
         assert not still & set(got.tolist())
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_long_request_among_short_ones_grid_strides(page_size: int) -> None:
+    """Axis 1 of the 2-D grids is the mean blocks per request, so one long request among
+    short ones grid-strides over many blocks: page_table and write_req_to_token stay exact."""
+    gen = _gen("skewed", page_size)
+    ctx = 4096
+    state = State(gen, 6, ctx // page_size, page_size)
+    rows, seq = _t([3, 0, 5, 1]), _t([ctx, 1, 0, page_size + 2])
+    starts = _t([page_size + 1, 0, 0, 2])
+    for use_map in (False, True):
+        kw = {"full_to_swa_map": state.full_to_swa_map} if use_map else {}
+        num_pages = int(((seq + page_size - 1) // page_size - starts // page_size).sum())
+        args = (state.req_to_token, rows, starts, seq, page_size)
+        out = {
+            b: page_table(*args, num_pages=num_pages, backend=b, **kw) for b in ("triton", "torch")
+        }
+        for got, ref in zip(out["triton"], out["torch"], strict=True):
+            assert torch.equal(got, ref)
+    lens = seq - starts
+    new_slots = torch.cat(
+        [state.req_to_token[r, s : s + n].long() for r, s, n in zip(rows, starts, lens)]
+    )
+    zeros = torch.zeros_like(rows)
+    prefix_slots = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    tables = {b: torch.full_like(state.req_to_token, POISON) for b in ("triton", "torch")}
+    for b, table in tables.items():
+        write_req_to_token(table, rows, prefix_slots, zeros, new_slots, starts, lens, backend=b)
+    assert torch.equal(tables["triton"], tables["torch"])
+    assert torch.equal(tables["torch"][3, page_size + 1 :], state.req_to_token[3, page_size + 1 :])

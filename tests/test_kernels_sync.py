@@ -86,14 +86,16 @@ def test_set_debug_round_trip() -> None:
     assert debug_enabled()
 
 
+@pytest.mark.parametrize("debug_on", [True, False], ids=["debug", "nodebug"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("job", SIZED_JOBS)
-def test_sizes_change_nothing(job: str, batch: int, backend: str) -> None:
+def test_sizes_change_nothing(job: str, batch: int, backend: str, debug_on: bool) -> None:
     """Passing the host-known sizes gives the results (and mutations) of not passing them."""
     with_sizes, without = build_case(job, batch), _without_sizes(build_case(job, batch))
     assert set(with_sizes.kwargs) & set(SIZE_KWARGS)
-    got, want = with_sizes.run(backend), without.run(backend)
+    with debug(debug_on):
+        got, want = with_sizes.run(backend), without.run(backend)
     assert _same(got, want)
     assert _same(with_sizes.args, without.args)
 

@@ -9,9 +9,13 @@ flips at run time. The test suite runs in debug mode.
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+import triton
 
 BACKENDS = ("triton", "torch")
 
@@ -27,6 +31,39 @@ def set_debug(on: bool) -> None:
     """Turn the sync-needing value checks of every launcher on or off."""
     global _debug
     _debug = bool(on)
+
+
+# CUDA caps grid axes 1 and 2 at 65535 programs; kernels grid-stride past them.
+MAX_GRID_YZ = 65535
+
+_HAS_ALIGNMENT_OPT = "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
+
+
+def kernel_jit(*, sizes: Iterable[str] = (), unaligned: Iterable[str] = ()) -> Callable[..., Any]:
+    """``triton.jit`` that compiles one variant whatever the per-call values.
+
+    Triton specializes an int argument on ``== 1`` and on divisibility by 16, and a pointer
+    on 16-byte alignment: per-call sizes (``sizes``: batch, counts) and index tensors that may
+    be views at any offset (``unaligned``) would each compile new variants mid-serving. Both
+    are turned off for the names given (the alignment switch, ``do_not_specialize_on_alignment``
+    in Triton 3.6 and 3.9, is skipped on a Triton without it: ``do_not_specialize`` then
+    covers the pointers too). Fixed sizes (table strides, pool geometry) stay specialized.
+    """
+    sizes, unaligned = list(sizes), list(unaligned)
+    if _HAS_ALIGNMENT_OPT:
+        return triton.jit(do_not_specialize=sizes, do_not_specialize_on_alignment=unaligned)
+    return triton.jit(do_not_specialize=sizes + unaligned)
+
+
+def grid_blocks(work: int, batch: int, block: int) -> int:
+    """Axis 1 of a ``(batch, blocks)`` grid: the mean blocks of ``block`` items per request
+    over ``work`` items (1 to 65535).
+
+    Programs are in proportion to the work: a batch of equal requests gets one program per
+    block, one long request as many as it has blocks, and a request longer than the mean
+    grid-strides over its blocks while the programs past a short request's count exit at once.
+    """
+    return max(1, min(triton.cdiv(work, max(batch, 1) * block), MAX_GRID_YZ))
 
 
 def interpreter_on() -> bool:

@@ -25,11 +25,12 @@ from hybridkv.kernels._common import (
     debug_enabled,
     exclusive_cumsum,
     host_count,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(sizes=["batch"], unaligned=["seq_lens_ptr", "last_loc_ptr", "free_pages_ptr"])
 def _alloc_decode_kernel(
     out_slots_ptr,
     seq_lens_ptr,

@@ -13,7 +13,6 @@ ignored when ``prefix_len`` is page-aligned), then whole pages taken from the fr
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from hybridkv.kernels._common import (
@@ -25,12 +24,14 @@ from hybridkv.kernels._common import (
     check_tensor,
     debug_enabled,
     exclusive_cumsum,
+    grid_blocks,
     host_count,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(unaligned=["prefix_lens_ptr", "seq_lens_ptr", "last_loc_ptr", "free_pages_ptr"])
 def _alloc_extend_kernel(
     out_slots_ptr,
     prefix_lens_ptr,
@@ -42,6 +43,7 @@ def _alloc_extend_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Axis 0: a request; axis 1: blocks of its tokens, grid-strided (past its count: no work).
     pid = tl.program_id(0).to(tl.int64)
     prefix = tl.load(prefix_lens_ptr + pid)
     count = tl.load(seq_lens_ptr + pid) - prefix
@@ -50,7 +52,7 @@ def _alloc_extend_kernel(
     page_start = tl.load(page_starts_ptr + pid)
     # Slots still free in the page of last_loc (0 when prefix is page-aligned).
     fill = tl.minimum(count, (PAGE_SIZE - prefix % PAGE_SIZE) % PAGE_SIZE)
-    for off in range(0, count, BLOCK):
+    for off in range(tl.program_id(1).to(tl.int64) * BLOCK, count, tl.num_programs(1) * BLOCK):
         j = off + tl.arange(0, BLOCK)
         mask = j < count
         k = tl.maximum(j - fill, 0)
@@ -75,7 +77,8 @@ def _alloc_extend_triton(
     out = torch.empty(total, dtype=torch.int64, device=prefix_lens.device)
     batch = prefix_lens.shape[0]
     if batch and total:
-        _alloc_extend_kernel[(batch,)](
+        block = 256
+        _alloc_extend_kernel[(batch, grid_blocks(total, batch, block))](
             out,
             prefix_lens,
             seq_lens,
@@ -84,7 +87,7 @@ def _alloc_extend_triton(
             exclusive_cumsum(counts),
             exclusive_cumsum(new_pages),
             PAGE_SIZE=page_size,
-            BLOCK=256,
+            BLOCK=block,
         )
     return out
 

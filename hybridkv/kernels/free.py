@@ -20,11 +20,12 @@ from hybridkv.kernels._common import (
     check_page_size,
     check_tensor,
     debug_enabled,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(sizes=["num_slots"], unaligned=["slots_ptr"])
 def _slots_to_pages_kernel(
     marks_ptr,
     slots_ptr,

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkv.kernels._common import check_tensor, debug_enabled, resolve_backend
+from hybridkv.kernels._common import check_tensor, debug_enabled, kernel_jit, resolve_backend
 
 
-@triton.jit
+@kernel_jit(sizes=["num_slots"], unaligned=["full_slots_ptr"])
 def _full_to_swa_kernel(
     swa_slots_ptr,
     full_slots_ptr,

@@ -20,16 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridkv.kernels._common import check_same_len, check_tensor, debug_enabled, resolve_backend
+from hybridkv.kernels._common import (
+    MAX_GRID_YZ,
+    check_same_len,
+    check_tensor,
+    debug_enabled,
+    kernel_jit,
+    resolve_backend,
+)
 
-# CUDA caps grid axes 1 and 2 at 65535 programs; the kernel loops past them.
-_MAX_GRID_YZ = 65535
+_MAX_GRID_YZ = MAX_GRID_YZ  # the kernel grid-strides past it
 # Bytes one program moves per loop step (BLOCK elements of the integer view).
 _BLOCK_BYTES = 8192
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@triton.jit
+@kernel_jit(unaligned=["dst_pages_ptr", "src_pages_ptr"])
 def _page_copy_kernel(
     dst_ptr,
     src_ptr,

@@ -18,7 +18,6 @@ table of the trailing window only.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from hybridkv.kernels._common import (
@@ -31,12 +30,14 @@ from hybridkv.kernels._common import (
     check_tensor,
     debug_enabled,
     exclusive_cumsum,
+    grid_blocks,
     host_count,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(unaligned=["req_pool_indices_ptr", "kv_starts_ptr", "seq_lens_ptr"])
 def _page_table_kernel(
     kv_indices_ptr,
     kv_last_page_len_ptr,
@@ -52,15 +53,17 @@ def _page_table_kernel(
     HAS_MAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Axis 0: a request; axis 1: blocks of its pages, grid-strided (past its count: no work).
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(req_pool_indices_ptr + pid).to(tl.int64)
     first = tl.load(kv_starts_ptr + pid) // PAGE_SIZE
     seq = tl.load(seq_lens_ptr + pid)
     count = tl.load(counts_ptr + pid)
     out_start = tl.load(out_starts_ptr + pid)
-    last = tl.where(count > 0, seq - (first + count - 1) * PAGE_SIZE, 0)
-    tl.store(kv_last_page_len_ptr + pid, last.to(tl.int32))
-    for off in range(0, count, BLOCK):
+    if tl.program_id(1) == 0:
+        last = tl.where(count > 0, seq - (first + count - 1) * PAGE_SIZE, 0)
+        tl.store(kv_last_page_len_ptr + pid, last.to(tl.int32))
+    for off in range(tl.program_id(1).to(tl.int64) * BLOCK, count, tl.num_programs(1) * BLOCK):
         j = off + tl.arange(0, BLOCK)
         mask = j < count
         pos = (first + j) * PAGE_SIZE
@@ -89,7 +92,8 @@ def _page_table_triton(
     kv_last_page_len = torch.empty(batch, dtype=torch.int32, device=device)
     if batch:
         has_map = full_to_swa_map is not None
-        _page_table_kernel[(batch,)](
+        block = 64
+        _page_table_kernel[(batch, grid_blocks(num_pages, batch, block))](
             kv_indices,
             kv_last_page_len,
             req_to_token,
@@ -102,7 +106,7 @@ def _page_table_triton(
             req_to_token.stride(0),
             PAGE_SIZE=page_size,
             HAS_MAP=has_map,
-            BLOCK=64,
+            BLOCK=block,
         )
     return kv_indptr, kv_indices, kv_last_page_len
 

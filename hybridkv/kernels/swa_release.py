@@ -31,11 +31,12 @@ from hybridkv.kernels._common import (
     debug_enabled,
     exclusive_cumsum,
     host_count,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(unaligned=["req_pool_indices_ptr", "released_lens_ptr"])
 def _swa_release_kernel(
     freed_pages_ptr,
     full_to_swa_map_ptr,

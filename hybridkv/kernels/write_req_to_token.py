@@ -14,7 +14,6 @@ row passes ``prefix_len = 0``; a decode step is ``prefix_len = 0, extend_len = 1
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from hybridkv.kernels._common import (
@@ -24,11 +23,22 @@ from hybridkv.kernels._common import (
     check_tensor,
     debug_enabled,
     exclusive_cumsum,
+    grid_blocks,
+    kernel_jit,
     resolve_backend,
 )
 
 
-@triton.jit
+@kernel_jit(
+    unaligned=[
+        "req_pool_indices_ptr",
+        "prefix_slots_ptr",
+        "prefix_lens_ptr",
+        "new_slots_ptr",
+        "extend_starts_ptr",
+        "extend_lens_ptr",
+    ]
+)
 def _write_req_to_token_kernel(
     req_to_token_ptr,
     req_pool_indices_ptr,
@@ -42,12 +52,16 @@ def _write_req_to_token_kernel(
     stride_row,
     BLOCK: tl.constexpr,
 ):
+    # Axis 0: a request; axis 1: blocks of its segments, grid-strided (past its lengths: no
+    # work).
     pid = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1).to(tl.int64) * BLOCK
+    step = tl.num_programs(1) * BLOCK
     row = tl.load(req_pool_indices_ptr + pid).to(tl.int64)
     dst = req_to_token_ptr + row * stride_row
     prefix_len = tl.load(prefix_lens_ptr + pid)
     src = prefix_slots_ptr + tl.load(prefix_offsets_ptr + pid)
-    for off in range(0, prefix_len, BLOCK):
+    for off in range(start, prefix_len, step):
         j = off + tl.arange(0, BLOCK)
         mask = j < prefix_len
         slot = tl.load(src + j, mask=mask, other=0)
@@ -55,7 +69,7 @@ def _write_req_to_token_kernel(
     extend_start = tl.load(extend_starts_ptr + pid)
     extend_len = tl.load(extend_lens_ptr + pid)
     src = new_slots_ptr + tl.load(new_offsets_ptr + pid)
-    for off in range(0, extend_len, BLOCK):
+    for off in range(start, extend_len, step):
         j = off + tl.arange(0, BLOCK)
         mask = j < extend_len
         slot = tl.load(src + j, mask=mask, other=0)
@@ -72,8 +86,10 @@ def _write_req_to_token_triton(
     extend_lens: torch.Tensor,
 ) -> None:
     batch = req_pool_indices.shape[0]
-    if batch and (prefix_slots.numel() or new_slots.numel()):
-        _write_req_to_token_kernel[(batch,)](
+    work = max(prefix_slots.numel(), new_slots.numel())
+    if batch and work:
+        block = 256
+        _write_req_to_token_kernel[(batch, grid_blocks(work, batch, block))](
             req_to_token,
             req_pool_indices,
             prefix_slots,
@@ -84,7 +100,7 @@ def _write_req_to_token_triton(
             extend_lens,
             exclusive_cumsum(extend_lens),
             req_to_token.stride(0),
-            BLOCK=256,
+            BLOCK=block,
         )
 
 
