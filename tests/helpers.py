@@ -115,9 +115,7 @@ _SYNC_PREFIXES = ("aten.unique", "aten._unique", "aten.equal")
 
 def _has_bool_index(indices: object) -> bool:
     items = indices if isinstance(indices, (list, tuple)) else [indices]
-    return any(
-        isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in items
-    )
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in items)
 
 
 def _on_cpu(device: object) -> bool:

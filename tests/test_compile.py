@@ -81,7 +81,7 @@ def record_launches() -> dict[str, tuple[Any, dict[tuple, tuple[dict, dict]]]]:
 
         def __getitem__(self, grid: object) -> Any:
             def launch(*args: object, **kwargs: object) -> None:
-                signature = {n: _type_of(v) for n, v in zip(self.fn.arg_names, args)}
+                signature = {n: _type_of(v) for n, v in zip(self.fn.arg_names, args, strict=False)}
                 signature.update({n: "constexpr" for n in kwargs})
                 key = (*signature.items(), *kwargs.items())
                 recorded[self.fn.__name__][1][key] = (signature, dict(kwargs))
@@ -89,13 +89,15 @@ def record_launches() -> dict[str, tuple[Any, dict[tuple, tuple[dict, dict]]]]:
             return launch
 
     modules = [importlib.import_module(f"hybridkv.kernels.{m}") for m in KERNEL_MODULES]
-    originals = [getattr(mod, _kernel_name(m)) for mod, m in zip(modules, KERNEL_MODULES)]
+    originals = [
+        getattr(mod, _kernel_name(m)) for mod, m in zip(modules, KERNEL_MODULES, strict=True)
+    ]
     real_interpreter_on = _common.interpreter_on
     # NOTE: the launchers refuse backend="triton" on CPU tensors unless the interpreter is
     # on; nothing is launched here, so let them through.
     _common.interpreter_on = lambda: True
     try:
-        for mod, m, fn in zip(modules, KERNEL_MODULES, originals):
+        for mod, m, fn in zip(modules, KERNEL_MODULES, originals, strict=True):
             setattr(mod, _kernel_name(m), Recorder(fn))
         for page_size in (1, 16, 64):  # PAGE_SIZE is a constexpr: each compiles anew
             with mock.patch.object(cases, "PAGE_SIZE", page_size):
@@ -108,7 +110,7 @@ def record_launches() -> dict[str, tuple[Any, dict[tuple, tuple[dict, dict]]]]:
         page_copy(pool, pool.clone(), pages, pages, backend="triton")
     finally:
         _common.interpreter_on = real_interpreter_on
-        for mod, m, fn in zip(modules, KERNEL_MODULES, originals):
+        for mod, m, fn in zip(modules, KERNEL_MODULES, originals, strict=True):
             setattr(mod, _kernel_name(m), fn)
     return recorded
 

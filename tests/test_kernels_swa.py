@@ -482,7 +482,10 @@ def test_long_request_among_short_ones_grid_strides(page_size: int) -> None:
             assert torch.equal(got, ref)
     lens = seq - starts
     new_slots = torch.cat(
-        [state.req_to_token[r, s : s + n].long() for r, s, n in zip(rows, starts, lens)]
+        [
+            state.req_to_token[r, s : s + n].long()
+            for r, s, n in zip(rows, starts, lens, strict=True)
+        ]
     )
     zeros = torch.zeros_like(rows)
     prefix_slots = torch.empty(0, dtype=torch.int64, device=DEVICE)

@@ -216,7 +216,12 @@ def write_req_to_token(
     backend = resolve_backend(backend, device)
     if debug_enabled():
         _check_values(
-            req_to_token, req_pool_indices, prefix_slots, prefix_lens, new_slots, extend_starts,
+            req_to_token,
+            req_pool_indices,
+            prefix_slots,
+            prefix_lens,
+            new_slots,
+            extend_starts,
             extend_lens,
         )
     if backend == "torch":
