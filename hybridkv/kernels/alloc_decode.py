@@ -14,8 +14,6 @@ where ``k`` is the number of earlier requests of the batch that took a page.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_page_size,
@@ -24,6 +22,7 @@ from hybridkv.kernels._common import (
     exclusive_cumsum,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @triton.jit

@@ -13,8 +13,6 @@ ignored when ``prefix_len`` is page-aligned), then whole pages taken from the fr
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
@@ -25,6 +23,7 @@ from hybridkv.kernels._common import (
     exclusive_cumsum,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @triton.jit

@@ -13,10 +13,9 @@ result on its free-page stack.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import check_page_size, check_tensor, resolve_backend
+from hybridkv.kernels._triton import tl, triton
 
 
 @triton.jit

@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import check_same_len, check_tensor, resolve_backend
+from hybridkv.kernels._triton import tl, triton
 
 # CUDA caps grid axes 1 and 2 at 65535 programs; the kernel loops past them.
 _MAX_GRID_YZ = 65535

@@ -18,8 +18,6 @@ table of the trailing window only.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
@@ -31,6 +29,7 @@ from hybridkv.kernels._common import (
     exclusive_cumsum,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @triton.jit

@@ -18,8 +18,6 @@ is gone.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_nonnegative,
@@ -30,6 +28,7 @@ from hybridkv.kernels._common import (
     exclusive_cumsum,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @triton.jit
