@@ -13,6 +13,7 @@ from hybridkv.scheduler import CacheConfig, MemoryManager
 from hybridkv.sim import cli, report
 from hybridkv.sim import run as sim_run
 from hybridkv.sim.engine import FakeEngine
+from hybridkv.sim.models import PRESETS, stand_in
 from hybridkv.sim.trace import dump_trace, load_trace, parse_trace
 from hybridkv.sim.workloads import GENERATORS, Session, Turn, Workload
 
@@ -332,3 +333,79 @@ def test_lone_accepted_request_finishes() -> None:
     w = Workload("w", (Session("s", (Turn(tuple(range(33)), 14),)),))
     res = sim_run.run(w, cfg)
     assert res.errors == [] and res.finished == 1
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_map_and_stand_in_keeps_the_pools(name: str) -> None:
+    """Every preset goes through from_hf_config; its stand-in keeps pools, window and kinds."""
+    real = CacheConfig.from_hf_config(PRESETS[name], 1 << 30, device="cpu", backend="torch")
+    sim = stand_in(real)
+    same = ("full_tokens", "swa_tokens", "state_slots", "sliding_window", "page_size", "dtype")
+    assert all(getattr(sim, f) == getattr(real, f) for f in same)
+    assert bool(sim.swa_layer_ids) == bool(real.swa_layer_ids)
+    assert bool(sim.mamba_layer_ids) == bool(real.mamba_layer_ids)
+    assert bool(sim.full_layer_ids) == bool(real.full_layer_ids)
+    assert sim.num_layers <= 4 and sim.num_kv_heads == sim.head_dim == 1
+
+
+def test_cli_model_preset_json(capsys) -> None:  # noqa: ANN001
+    """--model with --memory runs the real pools on a stand-in; --json is machine-readable."""
+    argv = ["--model", "gpt-oss-120b", "--memory", "0.25", "--requests", "6", "--json"]
+    assert cli.main([*argv, "--backend", "torch", "--device", "cpu", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["finished"] == 6 and out["errors"] == 0 and out["error_list"] == []
+    assert out["config"]["num_layers"] == 36 and out["simulated_config"]["num_layers"] == 2
+    real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], 1 << 28)
+    assert out["config"]["full_tokens"] == real.full_tokens
+    assert out["config"]["host_tokens"] == 2 * real.full_tokens
+    tiers = sum(out[f"{t}_hit_rate"] for t in report.TIERS)
+    assert out["hit_rate"] == pytest.approx(tiers) and out["hit_rate"] > 0
+
+
+def test_cli_recurrent_preset_and_hf_config(tmp_path, capsys) -> None:  # noqa: ANN001
+    """The Jamba-like preset verifies states; --hf-config reads a config.json directory."""
+    flags = ["--requests", "6", "--backend", "torch", "--device", "cpu", "--quiet"]
+    assert cli.main(["--model", "jamba-like", "--memory", "0.5", *flags]) == 0
+    assert "recurrent" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["gemma3-27b"]))
+    assert cli.main(["--hf-config", str(tmp_path), "--memory", "1", "--json", *flags]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["sliding_window"] == 1024 and len(out["config"]["swa_layer_ids"]) == 52
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    assert cli.main(["--hf-config", str(bad), *flags]) == 2
+    assert "'num_hidden_layers'" in capsys.readouterr().err
+
+
+def test_cli_scheduler_flags_and_help(capsys) -> None:  # noqa: ANN001
+    """--chunked-prefill-size and --max-running reach the config; --help has units, workloads."""
+    args = cli.build_parser().parse_args(
+        [*CLI_TINY, "--chunked-prefill-size", "64", "--max-running", "3"]
+    )
+    cfg = cli.make_config(args)
+    assert (cfg.chunked_prefill_size, cfg.max_running_requests) == (64, 3)
+    assert (cfg.full_tokens, cfg.swa_tokens, cfg.sliding_window) == (8192, 1024, 64)
+    assert cli.main([*CLI_TINY, "--max-running", "2", "--chunked-prefill-size", "32"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for key in ("GiB", "TOKENS", "default 16", "docqa", "system prompts", "docs/simulator.md"):
+        assert key in text
+
+
+def test_default_config_is_the_small_model() -> None:
+    """No flags: the small preset (2 full + 6 SWA layers, window 256) on hand-sized pools."""
+    cfg = cli.make_config(cli.build_parser().parse_args([]))
+    assert cfg.swa_layer_ids == (1, 2, 3, 5, 6, 7) and cfg.num_layers == 8
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window) == (2, 32, 256)
+    assert (cfg.full_tokens, cfg.swa_tokens, cfg.host_tokens) == (32768, 12288, 65536)
+
+
+def test_samples_split_hits_by_tier() -> None:
+    """Each sample's tier hit rates sum to its hit rate; --json rows carry them too."""
+    res = sim_run.run(small("docqa", 0), TINY.replace(host_tokens=2048))
+    assert res.errors == []
+    for x in res.samples:
+        assert x.device_hit_rate + x.host_hit_rate + x.storage_hit_rate == pytest.approx(x.hit_rate)
+    assert report.to_json(res)["config"]["dtype"] == "bfloat16"

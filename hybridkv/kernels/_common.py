@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import triton
+
+from hybridkv.kernels._triton import HAS_TRITON, triton
 
 BACKENDS = ("triton", "torch")
 
@@ -67,20 +68,24 @@ def grid_blocks(work: int, batch: int, block: int) -> int:
 
 
 def interpreter_on() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``, and
+    Triton installed)."""
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Pick the backend for tensors on ``device``.
 
-    ``None`` means Triton when the tensors are on CUDA or the interpreter is on, else torch.
-    Asking for Triton on CPU tensors without the interpreter is a ``ValueError``.
+    ``None`` means Triton when it is installed and the tensors are on CUDA or the interpreter
+    is on, else torch. Asking for Triton without it installed, or on CPU tensors without the
+    interpreter, is a ``ValueError``.
     """
     if backend is None:
-        return "triton" if device.type == "cuda" or interpreter_on() else "torch"
+        return "triton" if HAS_TRITON and (device.type == "cuda" or interpreter_on()) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend='triton' needs Triton installed (pip install triton, Linux)")
     if backend == "triton" and device.type != "cuda" and not interpreter_on():
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before Triton is "

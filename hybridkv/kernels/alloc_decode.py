@@ -14,8 +14,6 @@ where ``k`` is the number of earlier requests of the batch that took a page.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_count,
@@ -28,6 +26,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(sizes=["batch"], unaligned=["seq_lens_ptr", "last_loc_ptr", "free_pages_ptr"])

@@ -13,7 +13,6 @@ ignored when ``prefix_len`` is page-aligned), then whole pages taken from the fr
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
@@ -29,6 +28,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(unaligned=["prefix_lens_ptr", "seq_lens_ptr", "last_loc_ptr", "free_pages_ptr"])

@@ -13,8 +13,6 @@ result on its free-page stack.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_page_size,
@@ -23,6 +21,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(sizes=["num_slots"], unaligned=["slots_ptr"])

@@ -11,10 +11,9 @@ SWA slot of a token, or 0 when it has none (tombstoned, or slid out of the windo
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import check_tensor, debug_enabled, kernel_jit, resolve_backend
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(sizes=["num_slots"], unaligned=["full_slots_ptr"])

@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     MAX_GRID_YZ,
@@ -28,6 +26,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 _MAX_GRID_YZ = MAX_GRID_YZ  # the kernel grid-strides past it
 # Bytes one program moves per loop step (BLOCK elements of the integer view).

@@ -18,7 +18,6 @@ table of the trailing window only.
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     ceil_div,
@@ -35,6 +34,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(unaligned=["req_pool_indices_ptr", "kv_starts_ptr", "seq_lens_ptr"])

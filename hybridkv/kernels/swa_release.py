@@ -18,8 +18,6 @@ is gone.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_count,
@@ -34,6 +32,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(unaligned=["req_pool_indices_ptr", "released_lens_ptr"])

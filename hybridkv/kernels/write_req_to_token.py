@@ -14,7 +14,6 @@ row passes ``prefix_len = 0``; a decode step is ``prefix_len = 0, extend_len = 1
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 
 from hybridkv.kernels._common import (
     check_nonnegative,
@@ -27,6 +26,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
+from hybridkv.kernels._triton import tl, triton
 
 
 @kernel_jit(

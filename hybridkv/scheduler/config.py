@@ -157,6 +157,16 @@ class CacheConfig:
     def replace(self, **changes: object) -> CacheConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_hf_config(
+        cls, config: object, memory_bytes: int | None = None, **overrides: object
+    ) -> CacheConfig:
+        """The config of a Hugging Face model (a transformers config, a dict or a path), pools
+        sized from ``memory_bytes``: see :mod:`hybridkv.scheduler.hf_config`."""
+        from hybridkv.scheduler.hf_config import from_hf_config
+
+        return from_hf_config(config, memory_bytes, **overrides)
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

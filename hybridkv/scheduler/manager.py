@@ -47,7 +47,7 @@ MAX_TOKEN_ID = 2**63  # token ids are int64 on the host and in storage keys
 
 
 class MemoryManager:
-    """Owns the KV cache of one model replica; see the engine contract in docs/contract.md.
+    """Owns the KV cache of one model replica; see docs/contract.md.
 
     A facade over composed parts, each owning its state: the pools (allocator, KV, states),
     the tree, the request table (rows and their per-row state), the queues, the admission

@@ -9,25 +9,48 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
+from tqdm import tqdm
+
 from hybridkv.scheduler import CacheConfig
+from hybridkv.scheduler.hf_config import from_hf_config
 from hybridkv.sim import report
+from hybridkv.sim.models import PRESETS, stand_in
 from hybridkv.sim.run import SimResult, max_context, run
 from hybridkv.sim.trace import dump_trace, load_trace
 from hybridkv.sim.workloads import GENERATORS, Workload
 
-# A small hybrid model: 2 full-attention layers, 6 sliding-window layers (window 256).
-# The pools are sized so the default chat workload evicts but does not thrash.
-MODEL = dict(num_layers=8, swa_layer_ids=(1, 2, 3, 5, 6, 7), num_kv_heads=2, head_dim=32)
-DEFAULTS = dict(full_tokens=32768, swa_tokens=12288, host_tokens=65536, page_size=16, window=256)
+GiB = 1 << 30
+# The default model's pools, sized so the default chat workload evicts but does not thrash.
+SMALL_POOLS = dict(full_tokens=32768, swa_tokens=12288, host_tokens=65536)
+DEFAULT_MEMORY_GIB = 4.0  # a --model or --hf-config run without --memory
+HELP_EPILOG = """\
+workloads (token counts; time in engine steps):
+  chat    multi-turn sessions opening with one of 6 shared system prompts (200-800
+          tokens, Zipf-like popularity); 1-6 turns of 16-160 new tokens and 16-160
+          output tokens; a session every ~6 steps; 240 requests by default
+  agent   a shared 1200-token tool prompt and a task, then 4-16 rounds of a 16-64
+          token tool call and a 64-480 token tool result; 160 requests by default
+  docqa   one-turn questions (12-64 tokens) about 8 long documents (1000-3000
+          tokens); a question every ~2 steps; 240 requests by default
+  trace   a JSONL file, one request a line (docs/simulator.md):
+          {"t": 0, "input_ids": [1, 2], "max_new_tokens": 64, "session": "a"}
+
+models: the default "small" (8 layers: 2 full, 6 SWA, window 256) uses the
+--full-tokens/--swa-tokens pools; the other presets and --hf-config size pools from
+--memory (default 4 GiB) and simulate on one layer of each kind (docs/simulator.md).
+
+exit status: 0 clean, 1 an OOM, KV verification failure, invariant violation or stall,
+2 bad arguments, trace or config (nothing run).
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m hybridkv.sim",
         description="Replay a serving workload through hybridkv's MemoryManager with a "
         "model-free engine that verifies every request's KV each step.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w = p.add_argument_group("workload")
     w.add_argument(
@@ -43,38 +68,108 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="generated workload, or 'trace' (default: chat; trace with --trace)",
     )
-    w.add_argument("--trace", metavar="FILE", help="JSONL trace (see hybridkv/sim/trace.py)")
-    w.add_argument("--requests", type=int, metavar="N", help="requests (turns) to generate")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps")
+    w.add_argument("--trace", metavar="FILE", help="JSONL trace (format: docs/simulator.md)")
+    w.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="requests (turns) to generate (default: per workload, above)",
+    )
+    w.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    w.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps (default: none)")
     w.add_argument("--dump-trace", metavar="FILE", help="write the workload as JSONL and exit")
+    m = p.add_argument_group("model")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model", choices=sorted(PRESETS), default="small", help="model shape (default small)"
+    )
+    src.add_argument(
+        "--hf-config", metavar="PATH", help="a Hugging Face config.json (or its directory)"
+    )
+    m.add_argument(
+        "--memory",
+        type=float,
+        metavar="GiB",
+        help="device memory for the KV and state pools, GiB (default: --full-tokens and "
+        f"--swa-tokens for small, {DEFAULT_MEMORY_GIB:g} GiB otherwise)",
+    )
+    m.add_argument(
+        "--swa-ratio",
+        type=float,
+        default=0.8,
+        metavar="R",
+        help="with --memory: SWA pool tokens per full pool token (default 0.8)",
+    )
+    m.add_argument(
+        "--state-share",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="with --memory: fraction of it for recurrent-state slots (default 0.5)",
+    )
     c = p.add_argument_group("cache config")
-    c.add_argument("--full-tokens", type=int, default=DEFAULTS["full_tokens"])
-    c.add_argument("--swa-tokens", type=int, default=DEFAULTS["swa_tokens"])
+    c.add_argument(
+        "--full-tokens",
+        type=int,
+        metavar="TOKENS",
+        help=f"full pool, tokens (default {SMALL_POOLS['full_tokens']} for small, else from "
+        "--memory)",
+    )
+    c.add_argument(
+        "--swa-tokens",
+        type=int,
+        metavar="TOKENS",
+        help=f"SWA pool, tokens (default {SMALL_POOLS['swa_tokens']} for small, else from "
+        "--memory)",
+    )
     c.add_argument(
         "--host-tokens",
         type=int,
-        default=DEFAULTS["host_tokens"],
-        help="host tier size in tokens (0: off)",
+        metavar="TOKENS",
+        help=f"host tier, tokens; 0: off (default {SMALL_POOLS['host_tokens']} for small, "
+        "twice the full pool otherwise)",
     )
-    c.add_argument("--page-size", type=int, default=DEFAULTS["page_size"])
-    c.add_argument("--window", type=int, default=DEFAULTS["window"], help="sliding window")
+    c.add_argument("--page-size", type=int, default=16, metavar="TOKENS", help="(default 16)")
+    c.add_argument(
+        "--window", type=int, metavar="TOKENS", help="sliding window (default: the model's)"
+    )
     c.add_argument(
         "--write-policy",
         default="write_through",
         choices=["write_through", "write_back", "write_through_selective"],
+        help="host tier backups (default write_through)",
     )
     c.add_argument("--storage", metavar="DIR", help="storage tier directory (default: off)")
     c.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    c.add_argument("--swa-eviction", choices=["window", "lru"], default="window")
+    c.add_argument(
+        "--swa-eviction", choices=["window", "lru"], default="window", help="(default window)"
+    )
     c.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s = p.add_argument_group("scheduler")
+    s.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=CacheConfig.chunked_prefill_size,
+        metavar="TOKENS",
+        help=f"longest prefill chunk (default {CacheConfig.chunked_prefill_size})",
+    )
+    s.add_argument(
+        "--max-running",
+        type=int,
+        default=CacheConfig.max_running_requests,
+        metavar="N",
+        help=f"most running requests (default {CacheConfig.max_running_requests})",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "--compare",
         action="store_true",
         help="run the workload under several policies and print one table",
     )
-    o.add_argument("--plot", metavar="PNG", help="plot hit rate and pool use (needs matplotlib)")
+    o.add_argument("--json", action="store_true", help="print results as JSON, no text report")
+    o.add_argument(
+        "--plot", metavar="PNG", help="plot hit rate by tier and pool use (needs matplotlib)"
+    )
     o.add_argument(
         "--check-every",
         type=int,
@@ -93,24 +188,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_config(args: argparse.Namespace, **changes: object) -> CacheConfig:
-    """The CacheConfig of the flags (``ValueError`` if it cannot work)."""
-    kwargs = dict(
-        MODEL,
-        dtype=torch.bfloat16,
+def _is_small(args: argparse.Namespace) -> bool:
+    return not args.hf_config and args.model == "small"
+
+
+def _default_host(args: argparse.Namespace, cfg: CacheConfig) -> int:
+    if args.host_tokens is not None:
+        return args.host_tokens
+    return SMALL_POOLS["host_tokens"] if _is_small(args) else 2 * cfg.full_tokens
+
+
+def make_model(args: argparse.Namespace, **changes: object) -> tuple[CacheConfig, bool]:
+    """The real model's config of the flags (``changes`` applied last), and whether the run
+    needs a stand-in (every model but the default small one). ``ValueError`` if it cannot
+    work."""
+    hf = args.hf_config if args.hf_config else PRESETS[args.model]
+    small = _is_small(args)
+    memory = args.memory
+    if memory is None and not small:
+        memory = DEFAULT_MEMORY_GIB
+    overrides: dict[str, object] = dict(
         page_size=args.page_size,
-        full_tokens=args.full_tokens,
-        swa_tokens=args.swa_tokens,
-        sliding_window=args.window,
-        host_tokens=args.host_tokens,
         write_policy=args.write_policy,
-        storage=args.storage,
         swa_eviction=args.swa_eviction,
         backend=None if args.backend == "auto" else args.backend,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_running_requests=args.max_running,
+        host_tokens=0,  # NOTE: the tiers go on last, so their errors name the tier flags
+        storage=None,
     )
+    if memory is None:
+        overrides |= {k: v for k, v in SMALL_POOLS.items() if k != "host_tokens"}
+    for key in ("full_tokens", "swa_tokens"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.window is not None:
+        overrides["sliding_window"] = args.window
     if args.device is not None:
-        kwargs["device"] = args.device
-    return CacheConfig(**(kwargs | changes))  # type: ignore[arg-type]
+        overrides["device"] = args.device
+    budget = None if memory is None else int(memory * GiB)
+    cfg = from_hf_config(
+        hf,
+        budget,
+        swa_full_tokens_ratio=args.swa_ratio,
+        state_share=args.state_share,
+        **overrides,
+    )
+    tiers = dict(host_tokens=_default_host(args, cfg), storage=args.storage)
+    return cfg.replace(**(tiers | changes)), not small
+
+
+def make_config(args: argparse.Namespace, **changes: object) -> CacheConfig:
+    """The real model's CacheConfig of the flags (``ValueError`` if it cannot work)."""
+    return make_model(args, **changes)[0]
+
+
+def make_configs(
+    args: argparse.Namespace, **changes: object
+) -> tuple[CacheConfig, CacheConfig | None]:
+    """``(config to run on, real model config or None)``: see :mod:`hybridkv.sim.models`."""
+    cfg, needs_stand_in = make_model(args, **changes)
+    return (stand_in(cfg), cfg) if needs_stand_in else (cfg, None)
 
 
 def make_workload(args: argparse.Namespace, max_context: int) -> Workload:
@@ -124,47 +262,41 @@ def make_workload(args: argparse.Namespace, max_context: int) -> Workload:
 
 
 class Progress:
-    """A plain-text progress bar on ``stream``: redrawn in place on a terminal, a line per
-    10% elsewhere."""
+    """A tqdm bar of finished requests on stderr (``None`` when quiet)."""
 
-    def __init__(self, label: str, stream: TextIO | None, width: int = 30) -> None:
-        self.label, self.stream, self.width = label, stream, width
-        self.tty = stream is not None and stream.isatty()
-        self.last, self.decile = 0.0, -1
+    def __init__(self, label: str, total: int, quiet: bool) -> None:
+        # NOTE: off a terminal (a log, CI) a redraw is a line: draw one every 5 s there
+        every = 0.2 if sys.stderr.isatty() else 5.0
+        self.bar = None
+        if not quiet:
+            self.bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, mininterval=every)
 
     def __call__(self, res: SimResult) -> None:
-        if self.stream is None:
-            return
-        frac = res.finished / res.requests if res.requests else 1.0
-        now = time.monotonic()
-        if self.tty and now - self.last < 0.2 or not self.tty and int(frac * 10) == self.decile:
-            return
-        self.last, self.decile = now, int(frac * 10)
-        bar = "#" * int(frac * self.width)
-        text = (
-            f"{self.label} [{bar:<{self.width}}] {res.finished}/{res.requests} requests, "
-            f"step {res.steps}, {res.wall_s:.0f} s"
-        )
-        self.stream.write(("\r" + text) if self.tty else text + "\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.update(res.finished - self.bar.n)
+            self.bar.set_postfix(step=res.steps, refresh=False)
 
     def done(self) -> None:
-        if self.stream is not None and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _run(
-    args: argparse.Namespace, workload: Workload, cfg: CacheConfig, label: str, salt: bool = False
+    args: argparse.Namespace,
+    workload: Workload,
+    configs: tuple[CacheConfig, CacheConfig | None],
+    label: str,
+    salt: bool = False,
 ) -> SimResult:
-    bar = Progress(label, None if args.quiet else sys.stderr)
+    bar = Progress(label, workload.num_requests, args.quiet)
     res = run(
         workload,
-        cfg,
+        configs[0],
         salt=salt,
         max_steps=args.max_steps,
         check_every=args.check_every,
         progress=bar,
+        model=configs[1],
     )
     bar.done()
     for e in res.errors:
@@ -173,10 +305,12 @@ def _run(
     return res
 
 
-def compare(args: argparse.Namespace, workload: Workload) -> list[tuple[str, SimResult | str]]:
+def compare(
+    args: argparse.Namespace, workload: Workload, base: CacheConfig
+) -> list[tuple[str, SimResult | str]]:
     """The workload under each policy; a config that raises shows as ``n/a``."""
     device_only = dict(host_tokens=0, storage=None)
-    host = dict(host_tokens=args.host_tokens or 4 * args.full_tokens)
+    host = dict(host_tokens=_default_host(args, base) or 4 * base.full_tokens)
     rows: list[tuple[str, SimResult | str]] = []
     with tempfile.TemporaryDirectory(prefix="hybridkv-sim-") as tmp:
         policies: list[tuple[str, dict[str, object], bool]] = [
@@ -188,11 +322,11 @@ def compare(args: argparse.Namespace, workload: Workload) -> list[tuple[str, Sim
         ]
         for name, changes, salt in policies:
             try:
-                cfg = make_config(args, **changes)
+                configs = make_configs(args, **changes)
             except ValueError as e:
                 rows.append((name, f"n/a ({e})"))
                 continue
-            rows.append((name, _run(args, workload, cfg, name, salt)))
+            rows.append((name, _run(args, workload, configs, name, salt)))
     return rows
 
 
@@ -213,30 +347,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     ascii_only = not _can_encode(sys.stdout, report.SPARK)
     try:
         # --compare sets the tiers per row; its base is device-only
-        cfg = make_config(args, host_tokens=0, storage=None) if args.compare else make_config(args)
+        tiers = dict(host_tokens=0, storage=None) if args.compare else {}
+        configs = make_configs(args, **tiers)
+        cfg = configs[1] or configs[0]
         workload = make_workload(args, max_context(cfg))
         if args.dump_trace:
             Path(args.dump_trace).write_text("\n".join(dump_trace(workload)) + "\n")
             print(f"wrote {workload.num_requests} requests to {args.dump_trace}")
             return 0
         if args.compare:
-            rows = compare(args, workload)
-            print(
-                f"hybridkv sim --compare: workload {workload.name}, "
-                f"{workload.num_requests} requests\n  config: {report.describe(cfg)}\n"
-            )
-            print(report.format_compare(rows))
+            rows = compare(args, workload, cfg)
+            if args.json:
+                out = [{"policy": n, **_json_row(r)} for n, r in rows]
+                print(json.dumps({"workload": workload.name, "rows": out}, indent=1))
+            else:
+                print(
+                    f"hybridkv sim --compare: workload {workload.name}, "
+                    f"{workload.num_requests} requests\n  config: {report.describe(cfg)}\n"
+                )
+                print(report.format_compare(rows))
             results = [r for _, r in rows if not isinstance(r, str)]
         else:
-            results = [_run(args, workload, cfg, workload.name)]
-            print(report.format_report(results[0], ascii_only))
+            results = [_run(args, workload, configs, workload.name)]
+            if args.json:
+                print(json.dumps(report.to_json(results[0]), indent=1))
+            else:
+                print(report.format_report(results[0], ascii_only))
     except ValueError as e:
         print(f"hybridkv.sim: error: {e}", file=sys.stderr)
         return 2
     if args.plot:
         report.plot(results[-1], args.plot)
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 1 if any(r.errors for r in results) else 0
+
+
+def _json_row(res: SimResult | str) -> dict[str, object]:
+    return {"skipped": res} if isinstance(res, str) else report.to_json(res)
 
 
 def _can_encode(stream: TextIO, text: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def summary(res: SimResult) -> dict[str, object]:
         "evicted_full_tokens": s.get("evicted_full_tokens", 0),
         "evicted_swa_tokens": s.get("evicted_swa_tokens", 0),
         "retractions": s.get("retracted_requests", 0),
-        "bytes_moved": moved * bytes_per_token(res.config),
+        "bytes_moved": moved * bytes_per_token(res.shape),
         "ooms": res.count("oom"),
         "errors": len(res.errors),
         "truncated": res.truncated,
@@ -86,12 +88,35 @@ def summary(res: SimResult) -> dict[str, object]:
     return out
 
 
+def config_dict(cfg: CacheConfig) -> dict[str, object]:
+    """``cfg``'s fields as JSON-ready values (dtype as its name)."""
+    out = dataclasses.asdict(cfg)
+    out["dtype"] = str(cfg.dtype).removeprefix("torch.")
+    return out
+
+
+def to_json(res: SimResult) -> dict[str, object]:
+    """What ``--json`` prints for one run: the summary, the config and any errors."""
+    out = summary(res) | {"config": config_dict(res.shape)}
+    if res.model is not None:
+        out["simulated_config"] = config_dict(res.config)
+    out["error_list"] = [e._asdict() | {"detail": None} for e in res.errors]
+    return out
+
+
 def describe(cfg: CacheConfig) -> str:
     """One line on the model shape and pools of ``cfg``."""
-    full, swa = len(cfg.full_layer_ids), len(cfg.swa_layer_ids)
+    full, swa, rec = len(cfg.full_layer_ids), len(cfg.swa_layer_ids), len(cfg.mamba_layer_ids)
     layers = f"{cfg.num_layers} layers ({full} full, {swa} SWA, window {cfg.sliding_window})"
     if not swa:
         layers = f"{cfg.num_layers} full-attention layers"
+    if rec:
+        kinds = f"{full} full" + (f", {swa} SWA, window {cfg.sliding_window}" if swa else "")
+        shape = "x".join(map(str, cfg.state_shape))
+        layers = (
+            f"{cfg.num_layers} layers ({kinds}, {rec} recurrent of state {shape}, "
+            f"{cfg.state_slots} state slots)"
+        )
     host = f"host {cfg.host_tokens} tokens, {cfg.write_policy}" if cfg.host_tokens else "host off"
     pools = f"full pool {cfg.full_tokens}" + (f", SWA pool {cfg.swa_tokens}" if swa else "")
     dtype = str(cfg.dtype).removeprefix("torch.")
@@ -120,7 +145,7 @@ def _line(key: str, value: str) -> str:
 
 def format_report(res: SimResult, ascii_only: bool = False) -> str:
     """The full text report of one run."""
-    m, s, cfg, samples = summary(res), res.stats, res.config, res.samples
+    m, s, cfg, samples = summary(res), res.stats, res.shape, res.samples
     served, computed = m["served_tokens"], m["computed_tokens"]
     peak = max((x.running for x in samples), default=0)
 
@@ -134,6 +159,7 @@ def format_report(res: SimResult, ascii_only: bool = False) -> str:
     lines = [
         f"hybridkv sim: workload {res.workload}",
         _line("config", describe(cfg)),
+        *([_line("", "(simulated on one layer of each kind, same pools)")] if res.model else []),
         _line(
             "requests", f"{m['finished']}/{m['requests']} finished ({m['added']} added){stopped}"
         ),
@@ -218,18 +244,21 @@ def format_compare(rows: Sequence[tuple[str, SimResult | str]]) -> str:
 
 
 def plot(res: SimResult, path: str | Path) -> None:
-    """Hit rate and pool occupancy over steps, to ``path`` (needs matplotlib)."""
+    """Hit rate by tier and pool occupancy over steps, to ``path`` (needs matplotlib); the
+    title carries the workload and config."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [x.step for x in res.samples]
-    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    ax1.plot(steps, [x.hit_rate for x in res.samples], label="prefix hit rate (cumulative)")
-    ax1.set_ylabel("hit rate")
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 7))
+    tiers = [[getattr(x, f"{t}_hit_rate") for x in res.samples] for t in TIERS]
+    ax1.stackplot(steps, *tiers, labels=[f"{t} hits" for t in TIERS], alpha=0.8)
+    ax1.plot(steps, [x.hit_rate for x in res.samples], color="black", lw=1, label="total")
+    ax1.set_ylabel("prefix hit rate (cumulative)")
     ax1.set_ylim(0, 1)
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="upper left", fontsize="small")
     ax2.plot(steps, [x.full_used for x in res.samples], label="full pool used")
     if res.config.has_swa:
         ax2.plot(steps, [x.swa_used for x in res.samples], label="SWA pool used")
@@ -237,7 +266,8 @@ def plot(res: SimResult, path: str | Path) -> None:
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("step")
     ax2.legend(loc="lower right")
-    fig.suptitle(f"hybridkv sim: {res.workload}")
+    title = f"hybridkv sim: {res.workload}, {res.requests} requests -- {describe(res.shape)}"
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -45,6 +45,9 @@ class Sample(NamedTuple):
     hit_rate: float  # cumulative hit tokens / prefill tokens requested so far
     running: int
     waiting: int
+    device_hit_rate: float = 0.0  # the hit rate's split by tier (they sum to hit_rate)
+    host_hit_rate: float = 0.0
+    storage_hit_rate: float = 0.0
 
 
 class SimError(NamedTuple):
@@ -56,7 +59,11 @@ class SimError(NamedTuple):
 
 @dataclass
 class SimResult:
-    """Everything a report needs; ``stats`` is the manager's last ``stats()``."""
+    """Everything a report needs; ``stats`` is the manager's last ``stats()``.
+
+    ``config`` is what the manager ran on; ``model``, when set, the config of the real model
+    it stands in for (see :mod:`hybridkv.sim.models`), whose shape reports describe.
+    """
 
     workload: str
     config: CacheConfig
@@ -74,6 +81,12 @@ class SimResult:
     stats: dict[str, int] = field(default_factory=dict)
     errors: list[SimError] = field(default_factory=list)
     truncated: bool = False  # stopped by max_steps
+    model: CacheConfig | None = None
+
+    @property
+    def shape(self) -> CacheConfig:
+        """The config whose model shape the report describes."""
+        return self.model or self.config
 
     def count(self, kind: str) -> int:
         return sum(e.kind == kind for e in self.errors)
@@ -143,17 +156,19 @@ def run(
     max_steps: int | None = None,
     check_every: int = 0,
     progress: Callable[[SimResult], None] | None = None,
+    model: CacheConfig | None = None,
 ) -> SimResult:
     """Replay ``workload``; stops at the first error (see the module docstring).
 
     ``salt``: give each request a unique first token, so no prefix of another request can
     hit (a baseline without a prefix cache; a retracted request still finds its own pages).
     ``check_every``: call ``mm.check()`` every that many steps (0: only at the end).
+    ``model``: the real model ``config`` stands in for (kept in the result for reports).
     Raises ``ValueError`` (nothing run) for a config or workload that cannot work.
     """
     validate(workload, config)
     mm = MemoryManager(config)
-    res = SimResult(workload.name, config, workload.num_requests, verify)
+    res = SimResult(workload.name, config, workload.num_requests, verify, model=model)
     t_start = time.perf_counter()
     try:
         if _replay(mm, workload, res, verify, salt, max_steps, check_every, progress):
@@ -266,12 +281,14 @@ def _sample(mm: MemoryManager, res: SimResult, stats: dict[str, int]) -> Sample:
     alloc = mm.allocator
     full_cap = (alloc.full.num_pages - 1) * alloc.page_size
     swa_cap = (alloc.swa.num_pages - 1) * alloc.page_size if alloc.has_swa else 0
-    hits = stats["device_hit_tokens"] + stats["host_hit_tokens"] + stats["storage_hit_tokens"]
+    prefill = res.prefill_tokens or 1
+    tiers = [stats[f"{t}_hit_tokens"] / prefill for t in ("device", "host", "storage")]
     return Sample(
         res.steps,
         1 - stats["full_free"] / full_cap,
         1 - stats["swa_free"] / swa_cap if mm.config.has_swa else 0.0,
-        hits / res.prefill_tokens if res.prefill_tokens else 0.0,
+        sum(tiers),
         stats["running"],
         stats["waiting"],
+        *tiers,
     )
