@@ -7,7 +7,8 @@ Each provider calls the public function with ``backend="triton"`` or ``"torch"``
 host-known sizes a real caller passes; its metadata checks are included, its sync-needing
 value checks only with ``HYBRIDKV_DEBUG=1`` (the header says which); page copies add ``copy_``,
 a contiguous copy of the same bytes between the same two memories (device, or pinned host).
-Times are the median, 20th and 80th percentiles of ``triton.testing.do_bench``; GB/s is ``Case.nbytes`` over the median.
+Times are the median, 20th and 80th percentiles of ``triton.testing.do_bench``; GB/s is
+``Case.nbytes`` over the median.
 ``--dry-run`` times one call with ``time.perf_counter`` and runs the torch backend for every
 provider: it checks the inputs and the table, not the speed.
 """

@@ -28,7 +28,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
-from hybridkv.kernels._triton import tl, triton
+from hybridkv.kernels._triton import tl
 
 
 @kernel_jit(unaligned=["prefix_lens_ptr", "seq_lens_ptr", "last_loc_ptr", "free_pages_ptr"])

@@ -34,7 +34,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
-from hybridkv.kernels._triton import tl, triton
+from hybridkv.kernels._triton import tl
 
 
 @kernel_jit(unaligned=["req_pool_indices_ptr", "kv_starts_ptr", "seq_lens_ptr"])

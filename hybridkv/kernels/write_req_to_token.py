@@ -26,7 +26,7 @@ from hybridkv.kernels._common import (
     kernel_jit,
     resolve_backend,
 )
-from hybridkv.kernels._triton import tl, triton
+from hybridkv.kernels._triton import tl
 
 
 @kernel_jit(

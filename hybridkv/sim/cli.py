@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-
 from tqdm import tqdm
 
 from hybridkv.scheduler import CacheConfig
