@@ -189,3 +189,99 @@ def test_host_page_tables_equal_the_kernel_reference(page_size: int) -> None:
         mm.check()
         steps += 1
     assert steps > 5
+
+
+def test_paged_view_and_swa_table_starts_read_what_set_kv_wrote() -> None:
+    """Reading each plan's page tables through kv.paged (from swa_table_starts on SWA layers)
+    gives back the K the engine wrote at each position."""
+    cfg = CacheConfig(
+        num_layers=2,
+        swa_layer_ids=(1,),
+        num_kv_heads=2,
+        head_dim=3,
+        page_size=4,
+        sliding_window=6,
+        full_tokens=512,
+        swa_tokens=256,
+        chunked_prefill_size=8,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend="torch",
+    )
+    mm = MemoryManager(cfg)
+    mm.add_request(Request("a", list(range(13)), 6))
+    mm.add_request(Request("b", list(range(13)) + [99], 6))
+    while (plan := mm.schedule()) is not None:
+        n = plan.out_cache_loc.numel()
+        positions = torch.cat(
+            [torch.arange(r.extend_start, r.extend_start + r.extend_len) for r in plan.reqs]
+        )
+        k = positions.float()[:, None, None].expand(n, 2, 3).to(DEVICE)
+        for layer in (0, 1):
+            mm.kv.set_kv(layer, plan.out_cache_loc, k, k)
+        for layer, table in ((0, plan.full_pages), (1, plan.swa_pages)):
+            keys, _ = mm.kv.paged(layer)
+            assert keys.shape[1:] == (4, 2, 3)
+            indptr, indices, last = (x.tolist() for x in table)
+            for i, r in enumerate(plan.reqs):
+                pages = indices[indptr[i] : indptr[i + 1]]
+                got = keys[torch.tensor(pages, device=DEVICE)].reshape(-1, 2, 3)[:, 0, 0]
+                got = got[: (len(pages) - 1) * 4 + last[i]].tolist()
+                first = 0 if layer == 0 else int(plan.swa_table_starts[i])
+                seq = r.extend_start + r.extend_len
+                want = list(range(first, seq))
+                if layer == 1:  # positions before the window may be tombstoned: check the window
+                    lo = max(0, r.extend_start - cfg.window) - first
+                    got, want = got[lo:], want[lo:]
+                assert got == [float(p) for p in want]
+        mm.commit(plan, [5] * len(plan))
+
+
+def test_swa_pins_slide_in_one_tree_call_per_step() -> None:
+    """While decoding windows slide over their cached prompts, each step moves every pin
+    that crossed a lock step in one slide_swa_locks call, never an inc/dec_lock pair."""
+    cfg = CacheConfig(
+        num_layers=2,
+        swa_layer_ids=(1,),
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=4,
+        sliding_window=16,
+        full_tokens=4096,
+        swa_tokens=2048,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend="torch",
+    )
+    mm = MemoryManager(cfg)
+    for i in range(8):
+        mm.add_request(Request(f"r{i}", [i + 1, *range(31)], 40))
+    plan = mm.schedule()
+    mm.commit(plan, [1] * len(plan))
+    assert all(n.swa_lock for n in mm.tree._nodes() if n.end > 16)  # prompt windows pinned
+    mm.check()
+    calls, moved = [], []
+    real = mm.tree.slide_swa_locks
+
+    def slide(handles, starts):
+        calls.append(len(handles))
+        return real(handles, starts)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a decode step locked or unlocked a path")
+
+    mm.tree.slide_swa_locks = slide
+    real_inc, real_dec = mm.tree.inc_lock, mm.tree.dec_lock
+    mm.tree.inc_lock = mm.tree.dec_lock = forbidden
+    for _ in range(24):
+        before = len(calls)
+        plan = mm.schedule()
+        assert plan.batch.is_decode
+        mm.commit(plan, [1] * len(plan))
+        moved.append(len(calls) - before)
+        mm.tree.inc_lock, mm.tree.dec_lock = real_inc, real_dec
+        mm.check()
+        mm.tree.inc_lock = mm.tree.dec_lock = forbidden
+    mm.tree.inc_lock, mm.tree.dec_lock = real_inc, real_dec
+    assert max(moved) == 1 and sum(moved) >= 2 and max(calls) == 8
+    assert not any(n.swa_lock for n in mm.tree._nodes())  # windows are past the prompts

@@ -90,6 +90,19 @@ class KVPool:
         buf, j, slots = self._locate(layer_id, full_slots)
         return buf[2 * j, slots], buf[2 * j + 1, slots]
 
+    def paged(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of layer ``layer_id`` as paged views ``[pages, page_size, heads, head_dim]``.
+
+        Page ids are those of the plan's page tables: full pages for a full-attention layer,
+        SWA pages (``plan.swa_pages``) for a sliding-window one. Views: writes go to the pool.
+        """
+        if layer_id not in self._where:
+            raise ValueError(f"layer_id {layer_id} is not a full or SWA attention layer")
+        is_swa, j = self._where[layer_id]
+        buf = self.swa_buf if is_swa else self.full_buf
+        shape = (buf.shape[1] // self.page_size, self.page_size, self.num_kv_heads, self.head_dim)
+        return buf[2 * j].view(shape), buf[2 * j + 1].view(shape)
+
     def layers(self) -> list[tuple[int, bool, int]]:
         """``(layer_id, is_swa, index)`` of every attention layer; its K and V are chunks
         ``2 * index`` and ``2 * index + 1`` of its pool's :meth:`page_view`."""

@@ -101,7 +101,14 @@ class PlanBuilder:
             full_pages=full,
             swa_pages=swa,
             transfers=self.transfers,
+            swa_table_starts=self._swa_table_starts(batch),
         )
+
+    def _swa_table_starts(self, batch: StepBatch) -> np.ndarray | None:
+        window, ps = self.config.window, self.config.page_size
+        if window is None:
+            return None
+        return np.maximum(batch.extend_starts - window, 0) // ps * ps
 
     def _host_tables(self, batch: StepBatch) -> tuple[PageTable, PageTable | None]:
         cfg, ps, t = self.config, self.config.page_size, self.table

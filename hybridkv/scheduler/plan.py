@@ -82,6 +82,10 @@ class StepPlan:
     the page tables, and (built on first use) ``qo_indptr`` (int32 ``[n + 1]``),
     ``extend_starts`` / ``extend_lens`` (int64 ``[n]``). ``batch`` holds the same on the
     host; ``reqs`` (one :class:`ScheduledReq` each) is built from it on first use.
+    ``swa_table_starts`` (host int64 ``[n]``, ``None`` without SWA layers) is the position of
+    the first token of each request's SWA table: key ``j`` of that table is position
+    ``swa_table_starts[i] + j``, and a query at position ``p`` attends to keys at positions
+    ``> p - window`` (FlashInfer: ``window_left = window - 1`` over that table).
     """
 
     __slots__ = (
@@ -92,6 +96,7 @@ class StepPlan:
         "full_pages",
         "swa_pages",
         "transfers",
+        "swa_table_starts",
         "_reqs",
         "_device",
     )
@@ -105,6 +110,7 @@ class StepPlan:
         full_pages: PageTable,
         swa_pages: PageTable | None,
         transfers: Transfers | None = None,
+        swa_table_starts: np.ndarray | None = None,
     ) -> None:
         self.batch = batch
         self.out_cache_loc = out_cache_loc
@@ -113,6 +119,7 @@ class StepPlan:
         self.full_pages = full_pages
         self.swa_pages = swa_pages
         self.transfers = transfers
+        self.swa_table_starts = swa_table_starts
         self._reqs: list[ScheduledReq] | None = None
         self._device: dict[str, torch.Tensor] = {}
 

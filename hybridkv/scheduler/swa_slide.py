@@ -70,10 +70,12 @@ class SWASlide:
         frontier = np.minimum(frontier - frontier % ps, end)
         move = (start < end) & (start < frontier)
         move &= (frontier == end) | (frontier - start >= self.config.swa_lock_step)
-        for i in np.flatnonzero(move).tolist():
-            # NOTE: the request's window slides over its cached prefix: stop pinning the
-            # prefix's SWA KV behind it (the tree may tombstone it), as its own is released.
-            req = t.owner[rows[i]]
-            lock = req.lock
-            t.set_lock(req, self.tree.inc_lock(lock.node, int(frontier[i])))
-            self.tree.dec_lock(lock)
+        moving = np.flatnonzero(move)
+        if not len(moving):
+            return
+        # NOTE: the requests' windows slide over their cached prefixes: stop pinning the
+        # prefixes' SWA KV behind them (the tree may tombstone it), as their own is released.
+        reqs = [t.owner[r] for r in rows[moving].tolist()]
+        handles = self.tree.slide_swa_locks([r.lock for r in reqs], frontier[moving].tolist())
+        for req, handle in zip(reqs, handles, strict=True):
+            t.set_lock(req, handle)

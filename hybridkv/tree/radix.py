@@ -290,6 +290,30 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
                     self.evictable_swa += len(n)
             assert n.full_lock >= 0 and n.swa_lock >= 0, "unlocking an unlocked node"
 
+    def slide_swa_locks(self, handles: list[LockHandle], starts: list[int]) -> list[LockHandle]:
+        """Move each lock's SWA pin forward to ``starts[i]`` (at most its node's end), in one
+        pass: unpin the SWA KV of ``[old start, new start)`` on each path; full pins stay.
+
+        Equivalent to ``inc_lock(node, start)`` then ``dec_lock(handle)``, without walking
+        each path twice or touching its full locks. Returns the new handles.
+        """
+        moved = []
+        for handle, start in zip(handles, starts, strict=True):
+            node, old = handle.node, handle.swa_start
+            start = min(start, node.end)
+            assert start >= old, "an SWA pin only slides forward"
+            self._split_at(node, start)
+            for n in node.path():
+                if n.start < old:
+                    break
+                if n.start < start:
+                    n.swa_lock -= 1
+                    assert n.swa_lock >= 0, "unlocking an unlocked node"
+                    if n.swa_lock == 0 and n.swa:
+                        self.evictable_swa += len(n)
+            moved.append(LockHandle(node, start))
+        return moved
+
     def _split_at(self, node: Node, pos: int) -> None:
         """Make ``pos`` a node boundary on the path to ``node``."""
         for n in node.path():
