@@ -8,7 +8,6 @@ can overwrite a copied page or read a loaded one. On CPU they run synchronously.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -172,6 +171,7 @@ class HostMixin:
                 swa_offset += k
                 self.host_cached_swa += len(n)
             self.host_cached_full += len(n)
+            self._queue_host(n)
         if self.states is not None:
             self._backup_states(fits)
         tokens = sum(len(n) for n in fits)
@@ -277,6 +277,7 @@ class HostMixin:
         """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window."""
         ps = self.page_size
         self._clock += 1
+        grew = parent if not parent.children else None
         for a, b in ((start, window_start), (window_start, end)):
             if a == b:
                 continue
@@ -295,7 +296,11 @@ class HostMixin:
                 self.host_cached_swa += b - a
             parent.children[tuple(tokens[a : a + ps])] = node
             self.host_cached_full += b - a
+            self._live += 1
             parent = node
+        self._queue_host(parent)
+        if grew is not None:
+            self._on_branch_grew(grew)
 
     def load_back(self, ends: list[Node]) -> int:
         """Copy what the prefixes ending at ``ends`` lack on device back from host: the full
@@ -343,6 +348,7 @@ class HostMixin:
             offset += k
             self.cached_full += len(n)
             self.evictable_full += len(n) if n.full_lock == 0 else 0
+            self._queue_full(n)
         offset = 0
         for n in swa_nodes:
             k = len(n) // ps
@@ -351,6 +357,7 @@ class HostMixin:
             n.swa = True
             self.cached_swa += len(n)
             self.evictable_swa += len(n) if n.swa_lock == 0 else 0
+            self._queue_swa(n)
         return n_full * ps
 
     def evict_host(self, full: int, swa: int = 0) -> int:
@@ -363,12 +370,16 @@ class HostMixin:
         host, ps = self.host, self.page_size
         if host is None or (full <= 0 and swa <= 0):
             return 0
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._host_evictable(n)]
-        heapq.heapify(heap)
         freed = freed_swa = 0
         full_pages, swa_pages = [], []
-        while heap and (freed < full or freed_swa < swa):
-            _, _, node = heapq.heappop(heap)
+        pinned: list[Node] = []  # host leaves whose copy is pinned: skipped, queued again
+        while freed < full or freed_swa < swa:
+            node = self._host_lru.pop(self._host_leaf)
+            if node is None:
+                break
+            if node.host_lock:
+                pinned.append(node)
+                continue
             parent = node.parent
             full_pages.append(_pages(node.host_full, ps))
             freed += len(node)
@@ -383,8 +394,9 @@ class HostMixin:
                 node.host_state = None
             if not node.on_device:
                 self._detach(node)
-            if parent is not None and self._host_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
+            self._queue_host(parent)
+        for node in pinned:
+            self._host_lru.push(node)
         if full_pages:
             host.full.free(torch.cat(full_pages))
         if swa_pages:
@@ -404,10 +416,16 @@ class HostMixin:
                 break
             node.host_lock += delta
 
-    def _host_evictable(self, node: Node) -> bool:
-        if node.parent is None or not node.on_host or node.full_lock or node.host_lock:
+    def _host_leaf(self, node: Node) -> bool:
+        """Host-evictable but for a host pin: an unlocked host node with no child on host."""
+        if node.parent is None or node.host_full is None or node.full_lock:
             return False
-        return not any(c.on_host for c in node.children.values())
+        return not any(c.host_full is not None for c in node.children.values())
+
+    def _queue_host(self, node: Node) -> None:
+        """Queue ``node`` for host eviction if it is a host leaf."""
+        if self.host is not None and self._host_leaf(node):
+            self._host_lru.push(node)
 
     def _host_swa_available(self) -> int:
         return self.host.swa.available if self.host.swa is not None else 0
