@@ -110,11 +110,13 @@ def _chat_tree() -> tuple[RadixTree, list[list[int]]]:
     return tree, convs
 
 
+@pytest.mark.parametrize("frees", ["pools", "tree_only"])
 @pytest.mark.parametrize("pool", ["full", "swa"])
-def test_evict_per_call(benchmark, pool: str) -> None:
+def test_evict_per_call(benchmark, pool: str, frees: str) -> None:
     """evict of one page (full, or SWA) per call on the chat tree, a match of a random chat
     between calls (LRU order changes, matches split nodes); the tree is rebuilt when a
-    quarter of it is gone."""
+    quarter of it is gone. ``tree_only`` stubs the allocator's frees out: the tree's own
+    share of the call (picking victims, splitting, counters)."""
     rng = random.Random(2)
     state: dict[str, object] = {}
     params = EvictParams(full=PAGE) if pool == "full" else EvictParams(swa=PAGE)
@@ -123,6 +125,8 @@ def test_evict_per_call(benchmark, pool: str) -> None:
         tree = state.get("tree")
         if tree is None or tree.cached_full < state["floor"] or tree.evictable_swa < 4 * PAGE:
             tree, convs = _chat_tree()
+            if frees == "tree_only":
+                tree.allocator.free = tree.allocator.free_swa = lambda slots: None
             state.update(tree=tree, convs=convs, floor=tree.cached_full * 3 // 4)
         tree.match_prefix(rng.choice(state["convs"]))
         return (tree,), {}

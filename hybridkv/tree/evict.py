@@ -186,6 +186,7 @@ class EvictionMixin:
     def _check_lru(self) -> None:
         """Assert the LRU heaps hold every candidate a full scan finds."""
         nodes = self._nodes()
+        assert self._live == len(nodes), "live node count"
         self._full_lru.check([n for n in nodes if self._droppable(n, set())], "full")
         swa = [n for n in nodes if _swa_candidate(n)]
         self._swa_lru.check([], "swa")
