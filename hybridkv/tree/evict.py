@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
 
+from hybridkv.tree.lru import pop_older
 from hybridkv.tree.node import Node
 
 
@@ -41,7 +41,8 @@ class EvictionMixin:
         become leaves. SWA eviction under the ``"window"`` policy tombstones SWA KV outside
         every branch's last window first, then the rest LRU first, and never drops full KV;
         the ``"lru"`` policy (SGLang's) removes leaves and tombstones internal nodes in plain
-        LRU order. All victims are freed with one call per pool.
+        LRU order. All victims are freed with one call per pool. Candidates come from the
+        LRU heaps (:mod:`hybridkv.tree.lru`): no scan of the tree.
         """
         dropped: list[torch.Tensor] = []
         tombstoned: list[torch.Tensor] = []
@@ -62,23 +63,26 @@ class EvictionMixin:
 
     def _evict_leaves(self, target: int, dropped: list[torch.Tensor]) -> EvictResult:
         """Drop unlocked device leaves, least recently used first, until ``target`` tokens."""
+        if target <= 0:
+            return EvictResult(0, 0)
         return self._drop_all(self._pick_leaves(target), dropped)
 
     def _pick_leaves(self, target: int) -> list[Node]:
         """Device leaves to drop for ``target`` tokens, LRU first, cascading (no mutation)."""
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._droppable(n, set())]
-        heapq.heapify(heap)
         picked: list[Node] = []
         gone: set[int] = set()
         total = 0
-        while heap and total < target:
-            _, _, node = heapq.heappop(heap)
+        heap = self._full_lru
+        while total < target:
+            node = heap.pop(lambda n: self._droppable(n, gone))
+            if node is None:
+                break
             picked.append(node)
             gone.add(node.uid)
             total += len(node)
             parent = node.parent
             if parent is not None and self._droppable(parent, gone):
-                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
+                heap.push(parent)
         return picked
 
     def _drop_all(self, victims: list[Node], dropped: list[torch.Tensor]) -> EvictResult:
@@ -94,19 +98,14 @@ class EvictionMixin:
         self, target: int, dropped: list[torch.Tensor], tombstoned: list[torch.Tensor]
     ) -> EvictResult:
         """Free ``target`` SWA tokens in LRU order: drop leaves, tombstone internal nodes."""
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if n.swa and n.swa_lock == 0]
-        heapq.heapify(heap)
         full = swa = 0
-        while heap and swa < target:
-            _, _, node = heapq.heappop(heap)
-            if not node.on_device or not node.swa or node.parent is None:
-                continue  # dropped or tombstoned since it was queued
+        while swa < target:
+            node = pop_older(self._swa_lru, self._swa_kept, _swa_candidate)
+            if node is None:
+                break
             if self._droppable(node, set()):
-                parent = node.parent
                 more = self._drop_all([node], dropped)
                 full, swa = full + more.full, swa + more.swa
-                if parent.swa and parent.swa_lock == 0 and self._droppable(parent, set()):
-                    heapq.heappush(heap, (parent.last_access, parent.uid, parent))
             else:
                 swa += self._tombstone(node, tombstoned)
         return EvictResult(full, swa)
@@ -115,52 +114,93 @@ class EvictionMixin:
         """Tombstone SWA KV outside every branch's last window, LRU first; tokens freed.
 
         A branch ends at a leaf or a fork (where requests diverged, so where later ones
-        will end their match); its last ``window`` tokens are protected.
+        will end their match); its last ``window`` tokens are protected. A candidate's
+        protection is computed when it is popped (:meth:`_protected_from`); one found
+        protected moves to the protected heap, and :meth:`_on_branch_grew` moves nodes back
+        when their branch end moves down.
         """
-        if target <= 0:
-            return 0
-        protected = self._protected_from()
-        victims = [
-            n for n in self._nodes() if n.swa and n.swa_lock == 0 and protected[n.uid] > n.start
-        ]
-        victims.sort(key=lambda n: (n.last_access, n.uid))
         freed = 0
-        for node in victims:
-            if freed >= target:
+        while freed < target:
+            node = self._swa_lru.pop(_swa_candidate)
+            if node is None:
                 break
-            if protected[node.uid] < node.end:
-                node = self._split(node, protected[node.uid] - node.start)
+            protected = self._protected_from(node)
+            if protected <= node.start:
+                self._swa_kept.push(node)
+                continue
+            if protected < node.end:
+                self._swa_kept.push(node)  # the lower part stays, protected
+                node = self._split(node, protected - node.start)
             freed += self._tombstone(node, tombstoned)
         return freed
 
     def _tombstone_lru(self, target: int, tombstoned: list[torch.Tensor]) -> int:
         """Tombstone any unlocked SWA KV, least recently used first; tokens freed."""
-        if target <= 0:
-            return 0
-        victims = [n for n in self._nodes() if n.swa and n.swa_lock == 0]
-        victims.sort(key=lambda n: (n.last_access, n.uid))
         freed = 0
-        for node in victims:
-            if freed >= target:
+        while freed < target:
+            node = pop_older(self._swa_lru, self._swa_kept, _swa_candidate)
+            if node is None:
                 break
             freed += self._tombstone(node, tombstoned)
         return freed
 
-    def _protected_from(self) -> dict[int, int]:
-        """For each node (by uid), the first position of it inside some branch's last window."""
-        nearest_end: dict[int, int] = {}
-        for node in reversed(self._nodes()):  # children before parents
-            if len(node.children) == 1:
-                (child,) = node.children.values()
-                nearest_end[node.uid] = nearest_end[child.uid]
-            else:
-                nearest_end[node.uid] = node.end
+    def _branch_end(self, node: Node) -> int:
+        """End of the branch through ``node``: the first leaf or fork at or below it."""
+        while len(node.children) == 1:
+            (node,) = node.children.values()
+        return node.end
+
+    def _protected_from(self, node: Node) -> int:
+        """The first position of ``node`` inside its branch's last window (O(chain below))."""
+        start = max(0, self._branch_end(node) - self.window)
+        return start - start % self.page_size
+
+    def _on_branch_grew(self, node: Node) -> None:
+        """``node``, a leaf or a fork, now has exactly one child: its branch end (and that of
+        the single-child chain above it) moved down, so some protected SWA candidates on that
+        chain are now unprotected. Queue them as such (walking up at most a window)."""
+        if self.window is None or self.swa_eviction != "window" or node.parent is None:
+            return
         ps = self.page_size
-        out = {}
-        for uid, end in nearest_end.items():
-            start = max(0, end - self.window)
-            out[uid] = start - start % ps
-        return out
+        old = max(0, node.end - self.window)
+        old -= old % ps
+        new = self._protected_from(node)
+        while True:
+            if node.start < new and _swa_candidate(node):
+                self._swa_lru.push(node)
+            parent = node.parent
+            if node.start < old or parent.parent is None or len(parent.children) != 1:
+                return
+            node = parent
+
+    def _queue_full(self, node: Node) -> None:
+        """Queue ``node`` for full eviction if it is droppable."""
+        if self._droppable(node, set()):
+            self._full_lru.push(node)
+
+    def _queue_swa(self, node: Node) -> None:
+        """Queue ``node`` for SWA eviction if it is a candidate (protection is found on pop)."""
+        if node.swa and node.swa_lock == 0 and node.parent is not None:
+            self._swa_lru.push(node)
+
+    def _check_lru(self) -> None:
+        """Assert the LRU heaps hold every candidate a full scan finds."""
+        nodes = self._nodes()
+        assert self._live == len(nodes), "live node count"
+        self._full_lru.check([n for n in nodes if self._droppable(n, set())], "full")
+        swa = [n for n in nodes if _swa_candidate(n)]
+        self._swa_lru.check([], "swa")
+        self._swa_kept.check([], "protected swa")
+        for n in swa:
+            queued = n.uid in self._swa_lru.queued or n.uid in self._swa_kept.queued
+            assert queued, "swa LRU misses a candidate"
+        if self.window is not None and self.swa_eviction == "window":
+            unprotected = [n for n in swa if self._protected_from(n) > n.start]
+            self._swa_lru.check(unprotected, "unprotected swa")
+        if self.host is not None:
+            self._host_lru.check([n for n in nodes if self._host_leaf(n)], "host")
+        self._state_lru.check([n for n in nodes if n.state is not None], "state")
+        self._host_state_lru.check([n for n in nodes if n.host_state is not None], "host state")
 
     def _droppable(self, node: Node, gone: set[int]) -> bool:
         """An unlocked device node none of whose children (but those in ``gone``) is on device."""
@@ -186,9 +226,11 @@ class EvictionMixin:
         node.full, node.swa = None, False
         if node.state is not None:
             self._free_states([node])
+        parent = node.parent
         if not node.on_host:
             assert not node.children, "a node without KV anywhere has children"
             self._detach(node)
+        self._queue_full(parent)
         return n, swa
 
     def _tombstone(self, node: Node, tombstoned: list[torch.Tensor]) -> int:
@@ -199,3 +241,7 @@ class EvictionMixin:
         self.cached_swa -= len(node)
         self.evictable_swa -= len(node)
         return len(node)
+
+
+def _swa_candidate(node: Node) -> bool:
+    return node.swa and node.swa_lock == 0 and node.parent is not None

@@ -8,14 +8,15 @@ can overwrite a copied page or read a loaded one. On CPU they run synchronously.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from hybridkv import kernels
 from hybridkv.allocator import HostPool, KVPool
+from hybridkv.kernels.page_copy import _page_copy_triton
 from hybridkv.tree.node import Node
 from hybridkv.tree.storage import FileStorage
 
@@ -105,6 +106,20 @@ def _pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
     return slots[::page_size] // page_size
 
 
+def _copy_pages(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+    backend: str | None,
+) -> None:
+    """:func:`kernels.page_copy` without its value checks (the caller made them once)."""
+    if kernels.resolve_backend(backend, dst_pages.device) == "torch":
+        kernels.page_copy_reference(src, dst, src_pages, dst_pages)
+    else:
+        _page_copy_triton(src, dst, src_pages, dst_pages)
+
+
 def _slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
     return (pages[:, None] * page_size + torch.arange(page_size, device=pages.device)).flatten()
 
@@ -172,6 +187,7 @@ class HostMixin:
                 swa_offset += k
                 self.host_cached_swa += len(n)
             self.host_cached_full += len(n)
+            self._queue_host(n)
         if self.states is not None:
             self._backup_states(fits)
         tokens = sum(len(n) for n in fits)
@@ -277,6 +293,7 @@ class HostMixin:
         """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window."""
         ps = self.page_size
         self._clock += 1
+        grew = parent if not parent.children else None
         for a, b in ((start, window_start), (window_start, end)):
             if a == b:
                 continue
@@ -295,7 +312,11 @@ class HostMixin:
                 self.host_cached_swa += b - a
             parent.children[tuple(tokens[a : a + ps])] = node
             self.host_cached_full += b - a
+            self._live += 1
             parent = node
+        self._queue_host(parent)
+        if grew is not None:
+            self._on_branch_grew(grew)
 
     def load_back(self, ends: list[Node]) -> int:
         """Copy what the prefixes ending at ``ends`` lack on device back from host: the full
@@ -327,11 +348,7 @@ class HostMixin:
         loads = {False: (host.full, host_full, dev_pages), True: (host.swa, host_swa, swa_pages)}
         with host.transfers.side_stream(backup=False):
             if host.transfers.per_layer:
-                for layer_id, swa, j in host.kv.layers():
-                    pool, src, dst = loads[swa]
-                    if src is not None:
-                        pool.load(views[swa], src, dst, chunks=slice(2 * j, 2 * j + 2))
-                    host.transfers.layer_loaded(layer_id)
+                self._load_by_layer(views, loads)
             else:
                 for swa, (pool, src, dst) in loads.items():
                     if src is not None:
@@ -343,6 +360,7 @@ class HostMixin:
             offset += k
             self.cached_full += len(n)
             self.evictable_full += len(n) if n.full_lock == 0 else 0
+            self._queue_full(n)
         offset = 0
         for n in swa_nodes:
             k = len(n) // ps
@@ -351,7 +369,37 @@ class HostMixin:
             n.swa = True
             self.cached_swa += len(n)
             self.evictable_swa += len(n) if n.swa_lock == 0 else 0
+            self._queue_swa(n)
         return n_full * ps
+
+    def _load_by_layer(
+        self,
+        views: dict[bool, torch.Tensor],
+        loads: dict[bool, tuple[HostPool, torch.Tensor | None, torch.Tensor]],
+    ) -> None:
+        """One page copy per layer, each followed by its layer's event (on the side stream).
+
+        NOTE: nothing here waits for the device: the host pages are checked once, on the
+        host, and moved to the device once (pinned, ``non_blocking``); the device pages come
+        from the allocator; the per-layer copies skip ``page_copy``'s value checks, whose
+        ``bool()`` would block the host on the side stream once per layer.
+        """
+        moved = {}
+        for swa, (pool, src, dst) in loads.items():
+            if src is None:
+                continue
+            if src.numel() and (int(src.min()) < 0 or int(src.max()) >= pool.buf.shape[0]):
+                raise ValueError(f"host pages must lie in [0, {pool.buf.shape[0]})")
+            if dst.is_cuda:
+                src = src.pin_memory().to(dst.device, non_blocking=True)
+            moved[swa] = (pool, src, dst)
+        transfers = self.host.transfers
+        for layer_id, swa, j in self.host.kv.layers():
+            if swa in moved:
+                pool, src, dst = moved[swa]
+                chunks = slice(2 * j, 2 * j + 2)
+                _copy_pages(pool.buf[:, chunks], views[swa][:, chunks], src, dst, pool.backend)
+            transfers.layer_loaded(layer_id)
 
     def evict_host(self, full: int, swa: int = 0) -> int:
         """Free at least ``full`` host tokens (and ``swa`` host SWA tokens) if evictable.
@@ -363,12 +411,16 @@ class HostMixin:
         host, ps = self.host, self.page_size
         if host is None or (full <= 0 and swa <= 0):
             return 0
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._host_evictable(n)]
-        heapq.heapify(heap)
         freed = freed_swa = 0
         full_pages, swa_pages = [], []
-        while heap and (freed < full or freed_swa < swa):
-            _, _, node = heapq.heappop(heap)
+        pinned: list[Node] = []  # host leaves whose copy is pinned: skipped, queued again
+        while freed < full or freed_swa < swa:
+            node = self._host_lru.pop(self._host_leaf)
+            if node is None:
+                break
+            if node.host_lock:
+                pinned.append(node)
+                continue
             parent = node.parent
             full_pages.append(_pages(node.host_full, ps))
             freed += len(node)
@@ -383,8 +435,9 @@ class HostMixin:
                 node.host_state = None
             if not node.on_device:
                 self._detach(node)
-            if parent is not None and self._host_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.uid, parent))
+            self._queue_host(parent)
+        for node in pinned:
+            self._host_lru.push(node)
         if full_pages:
             host.full.free(torch.cat(full_pages))
         if swa_pages:
@@ -404,10 +457,16 @@ class HostMixin:
                 break
             node.host_lock += delta
 
-    def _host_evictable(self, node: Node) -> bool:
-        if node.parent is None or not node.on_host or node.full_lock or node.host_lock:
+    def _host_leaf(self, node: Node) -> bool:
+        """Host-evictable but for a host pin: an unlocked host node with no child on host."""
+        if node.parent is None or node.host_full is None or node.full_lock:
             return False
-        return not any(c.on_host for c in node.children.values())
+        return not any(c.host_full is not None for c in node.children.values())
+
+    def _queue_host(self, node: Node) -> None:
+        """Queue ``node`` for host eviction if it is a host leaf."""
+        if self.host is not None and self._host_leaf(node):
+            self._host_lru.push(node)
 
     def _host_swa_available(self) -> int:
         return self.host.swa.available if self.host.swa is not None else 0

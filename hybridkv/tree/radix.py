@@ -21,6 +21,7 @@ import torch
 from hybridkv.allocator import StatePool, SWAAllocator
 from hybridkv.tree.evict import EvictionMixin
 from hybridkv.tree.host import HostMixin, HostTier
+from hybridkv.tree.lru import LazyHeap
 from hybridkv.tree.node import Node
 from hybridkv.tree.state import StateMixin
 
@@ -123,6 +124,15 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         self.backed_up_tokens = 0  # counter: tokens copied to host
         self.cached_states = 0  # device state snapshots
         self._clock = 0
+        # Eviction candidates by kind, LRU first (hybridkv.tree.lru): no eviction scans.
+        self._full_lru = LazyHeap()  # device nodes droppable for full eviction
+        self._swa_lru = LazyHeap()  # unlocked SWA nodes (window policy: maybe unprotected)
+        self._swa_kept = LazyHeap()  # unlocked SWA nodes found protected (window policy)
+        self._host_lru = LazyHeap()  # host leaves (host-pinned ones are skipped on pop)
+        self._state_lru = LazyHeap()  # device state snapshots
+        self._host_state_lru = LazyHeap()  # host state snapshots
+        self._live = 0  # nodes in the tree but the root
+        self._dead = 0  # nodes detached since the heaps were last compacted
 
     # ---------------------------------------------------------------- match
 
@@ -251,6 +261,8 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         node.start += k
         node.parent = upper
         upper.children[tuple(node.key[:ps])] = node
+        self._live += 1
+        self._queue_swa(upper)
         return upper
 
     # ---------------------------------------------------------------- locks
@@ -284,10 +296,14 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
             n.full_lock -= 1
             if n.full_lock == 0:
                 self.evictable_full += len(n)
+                self._queue_full(n)
+                if n.host_full is not None:
+                    self._queue_host(n)
             if n.start >= handle.swa_start:
                 n.swa_lock -= 1
                 if n.swa_lock == 0 and n.swa:
                     self.evictable_swa += len(n)
+                    self._swa_lru.push(n)
             assert n.full_lock >= 0 and n.swa_lock >= 0, "unlocking an unlocked node"
 
     def slide_swa_locks(self, handles: list[LockHandle], starts: list[int]) -> list[LockHandle]:
@@ -374,6 +390,7 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
                     self.cached_swa += len(child)
                     if child.swa_lock == 0:
                         self.evictable_swa += len(child)
+                        self._swa_lru.push(child)
                 dups.append(slots[lo : child.end])
             child.last_access = self._clock
             path.append(child.full)
@@ -393,12 +410,15 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         if swa:
             self.cached_swa += len(node)
             self.evictable_swa += len(node) if node.swa_lock == 0 else 0
+        self._queue_full(node)
+        self._queue_swa(node)
 
     def _add_path(
         self, parent: Node, tokens: list[int], slots: torch.Tensor, pos: int, swa_from: int
     ) -> Node:
         """Hang ``tokens[pos:]`` under ``parent``: a tombstone up to ``swa_from``, then present."""
         cuts = sorted({pos, min(max(swa_from, pos), len(tokens)), len(tokens)})
+        grew = parent if not parent.children else None
         for a, b in itertools.pairwise(cuts):
             child = Node(
                 uid=next(self._uids),
@@ -415,14 +435,39 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
             if child.swa:
                 self.cached_swa += b - a
                 self.evictable_swa += b - a
+                self._swa_lru.push(child)
             parent = child
+        self._live += len(cuts) - 1
+        self._full_lru.push(parent)
+        if grew is not None:
+            self._on_branch_grew(grew)
         return parent
 
     def _detach(self, node: Node) -> None:
         """Remove a node with no KV anywhere (and no children) from the tree."""
-        assert node.parent is not None and not node.children
-        del node.parent.children[tuple(node.key[: self.page_size])]
+        parent = node.parent
+        assert parent is not None and not node.children
+        del parent.children[tuple(node.key[: self.page_size])]
         node.parent = None
+        self._live -= 1
+        self._dead += 1
+        if self._dead > self._live + 64:
+            # NOTE: entries of detached nodes could outnumber the live ones: drop them.
+            for heap in self._heaps():
+                heap.compact()
+            self._dead = 0
+        if len(parent.children) == 1:
+            self._on_branch_grew(parent)
+
+    def _heaps(self) -> tuple[LazyHeap, ...]:
+        return (
+            self._full_lru,
+            self._swa_lru,
+            self._swa_kept,
+            self._host_lru,
+            self._state_lru,
+            self._host_state_lru,
+        )
 
     def _nodes(self) -> list[Node]:
         """Every node but the root, parents before children."""
@@ -484,6 +529,7 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
             self._check_host_pages()
         if self.states is not None:
             self._check_states()
+        self._check_lru()
 
     def _check_host_pages(self) -> None:
         """Every host page is free or held by exactly one node."""

@@ -8,8 +8,11 @@ target, LRU, never while pinned (``state_lock``: a copy from it is pending).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from hybridkv.tree.lru import LazyHeap
 from hybridkv.tree.node import Node
 
 
@@ -37,6 +40,7 @@ class StateMixin:
             slot = got
         node.state = slot
         self.cached_states += 1
+        self._state_lru.push(node)
         if self.host is not None and self.host.write_policy != "write_back" and node.on_host:
             self._backup_states([node])
         return True
@@ -56,9 +60,7 @@ class StateMixin:
         up first under write-back). Returns how many were dropped."""
         if count <= 0 or self.states is None:
             return 0
-        victims = [n for n in self._nodes() if n.state is not None and n.state_lock == 0]
-        victims.sort(key=lambda n: (n.last_access, n.uid))
-        victims = victims[:count]
+        victims = self._pop_lru(self._state_lru, count, _has_state, lambda n: n.state_lock > 0)
         if self.host is not None and self.host.write_policy == "write_back":
             self._backup_states([n for n in victims if n.on_host])
         self._free_states(victims)
@@ -89,6 +91,7 @@ class StateMixin:
             got = host.state.backup(self.states.slot_view(), _t([n.state for n in nodes], device))
         for n, slot in zip(nodes, got.tolist(), strict=True):
             n.host_state = slot
+            self._host_state_lru.push(n)
 
     def _evict_host_states(self, count: int, keep: list[Node]) -> None:
         """Drop at least ``count`` host snapshots, least recently used first (their nodes keep
@@ -96,13 +99,9 @@ class StateMixin:
         if count <= 0:
             return
         skip = {n.uid for n in keep}
-        victims = [
-            n
-            for n in self._nodes()
-            if n.host_state is not None and not n.host_lock and n.uid not in skip
-        ]
-        victims.sort(key=lambda n: (n.last_access, n.uid))
-        victims = victims[:count]
+        victims = self._pop_lru(
+            self._host_state_lru, count, _has_host_state, lambda n: n.host_lock or n.uid in skip
+        )
         if victims:
             self.host.state.free(torch.tensor([n.host_state for n in victims]))
         for n in victims:
@@ -122,7 +121,25 @@ class StateMixin:
             )
         node.state = got
         self.cached_states += 1
+        self._state_lru.push(node)
         return True
+
+    @staticmethod
+    def _pop_lru(
+        heap: LazyHeap, count: int, valid: Callable[[Node], bool], held: Callable[[Node], bool]
+    ) -> list[Node]:
+        """Pop the ``count`` least recently used ``valid`` nodes not ``held`` (held ones,
+        pinned by a pending copy, are skipped and stay queued)."""
+        victims: list[Node] = []
+        skipped: list[Node] = []
+        while len(victims) < count:
+            node = heap.pop(valid)
+            if node is None:
+                break
+            (skipped if held(node) else victims).append(node)
+        for node in skipped:
+            heap.push(node)
+        return victims
 
     def _check_states(self) -> list[int]:
         """Assert snapshot invariants; return the device slots the tree holds."""
@@ -138,3 +155,11 @@ class StateMixin:
             count = torch.bincount(pages, minlength=pool.num_pages)
             assert int(count[0]) == 0 and bool((count[1:] == 1).all()), "host state slots lost"
         return held
+
+
+def _has_state(node: Node) -> bool:
+    return node.state is not None and node.parent is not None
+
+
+def _has_host_state(node: Node) -> bool:
+    return node.host_state is not None and node.parent is not None

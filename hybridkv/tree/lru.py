@@ -1,0 +1,96 @@
+"""Eviction candidates in LRU order without scanning the tree: lazy heaps of nodes.
+
+A :class:`LazyHeap` holds at most one entry ``(last_access, uid, node)`` per node. Two
+rules keep it exact while costing nothing on the hot paths:
+
+* **Keys only grow.** A node's ``last_access`` never decreases, so a match or an insert
+  that touches a node leaves its entry's key stale (smaller) rather than pushing a new one.
+  A stale top is re-keyed when it reaches the top; every candidate then has an entry with a
+  key at most its current one, so the first valid entry with a current key is the exact
+  least recently used candidate, ties broken by ``uid``.
+* **Validity is checked on pop.** A node that stopped being a candidate (locked, dropped,
+  tombstoned, detached) keeps its entry until it reaches the top and is then dropped; the
+  tree pushes a node again whenever it may have become a candidate (unlock, a child gone,
+  load back, backup, a new node). Pushing a node that is already queued does nothing.
+
+So a call costs O((victims + entries it skips) * log n), and every entry skipped was paid
+for by the push that made it. Entries of nodes detached from the tree are dropped by
+:meth:`compact`, which the tree calls once they could make up half the heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from hybridkv.tree.node import Node
+
+
+class LazyHeap:
+    """Nodes of one candidate kind, least recently used first (see the module docstring)."""
+
+    __slots__ = ("heap", "queued")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, Node]] = []
+        self.queued: set[int] = set()  # uids with an entry in ``heap``
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def push(self, node: Node) -> None:
+        """Queue ``node`` (a possible candidate) unless it already has an entry."""
+        if node.uid not in self.queued:
+            self.queued.add(node.uid)
+            heapq.heappush(self.heap, (node.last_access, node.uid, node))
+
+    def peek(self, valid: Callable[[Node], bool]) -> Node | None:
+        """The least recently used node for which ``valid`` holds (left queued), or None.
+
+        Re-keys stale entries on the way and drops the entries of nodes that fail ``valid``.
+        """
+        heap, queued = self.heap, self.queued
+        while heap:
+            key, uid, node = heap[0]
+            if node.last_access != key:
+                heapq.heapreplace(heap, (node.last_access, uid, node))
+            elif valid(node):
+                return node
+            else:
+                heapq.heappop(heap)
+                queued.discard(uid)
+        return None
+
+    def pop(self, valid: Callable[[Node], bool]) -> Node | None:
+        """Remove and return the least recently used node for which ``valid`` holds."""
+        node = self.peek(valid)
+        if node is not None:
+            heapq.heappop(self.heap)
+            self.queued.discard(node.uid)
+        return node
+
+    def compact(self) -> None:
+        """Drop the entries of nodes no longer in the tree (``parent is None``)."""
+        self.heap = [e for e in self.heap if e[2].parent is not None]
+        heapq.heapify(self.heap)
+        self.queued = {e[1] for e in self.heap}
+
+    def check(self, candidates: list[Node], what: str) -> None:
+        """Assert one entry per queued uid and an entry, keyed at most its current key, for
+        every node of ``candidates`` (a full scan's answer)."""
+        keys = {uid: key for key, uid, _ in self.heap}
+        assert len(keys) == len(self.heap) and set(keys) == self.queued, f"{what} LRU entries"
+        for node in candidates:
+            key = keys.get(node.uid)
+            assert key is not None and key <= node.last_access, f"{what} LRU misses a candidate"
+
+
+def pop_older(a: LazyHeap, b: LazyHeap, valid: Callable[[Node], bool]) -> Node | None:
+    """Remove and return the least recently used valid node of two heaps (a node queued in
+    both is returned once: once it is no longer valid, its other entry is dropped)."""
+    x, y = a.peek(valid), b.peek(valid)
+    if x is None and y is None:
+        return None
+    if y is None or (x is not None and (x.last_access, x.uid) < (y.last_access, y.uid)):
+        return a.pop(valid)
+    return b.pop(valid)
