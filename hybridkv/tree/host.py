@@ -16,7 +16,6 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator import HostPool, KVPool
-from hybridkv.kernels.page_copy import _page_copy_triton
 from hybridkv.tree.node import Node
 from hybridkv.tree.storage import FileStorage
 
@@ -104,20 +103,6 @@ class HostTier:
 def _pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
     """The pages of whole-page ``slots``."""
     return slots[::page_size] // page_size
-
-
-def _copy_pages(
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    src_pages: torch.Tensor,
-    dst_pages: torch.Tensor,
-    backend: str | None,
-) -> None:
-    """:func:`kernels.page_copy` without its value checks (the caller made them once)."""
-    if kernels.resolve_backend(backend, dst_pages.device) == "torch":
-        kernels.page_copy_reference(src, dst, src_pages, dst_pages)
-    else:
-        _page_copy_triton(src, dst, src_pages, dst_pages)
 
 
 def _slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -379,17 +364,15 @@ class HostMixin:
     ) -> None:
         """One page copy per layer, each followed by its layer's event (on the side stream).
 
-        NOTE: nothing here waits for the device: the host pages are checked once, on the
-        host, and moved to the device once (pinned, ``non_blocking``); the device pages come
-        from the allocator; the per-layer copies skip ``page_copy``'s value checks, whose
-        ``bool()`` would block the host on the side stream once per layer.
+        NOTE: nothing here waits for the device: the host pages are moved to the device
+        once (pinned, ``non_blocking``), the device pages come from the allocator, and
+        ``page_copy`` checks values (which would block the host on the side stream once per
+        layer) only in debug mode.
         """
         moved = {}
         for swa, (pool, src, dst) in loads.items():
             if src is None:
                 continue
-            if src.numel() and (int(src.min()) < 0 or int(src.max()) >= pool.buf.shape[0]):
-                raise ValueError(f"host pages must lie in [0, {pool.buf.shape[0]})")
             if dst.is_cuda:
                 src = src.pin_memory().to(dst.device, non_blocking=True)
             moved[swa] = (pool, src, dst)
@@ -398,7 +381,9 @@ class HostMixin:
             if swa in moved:
                 pool, src, dst = moved[swa]
                 chunks = slice(2 * j, 2 * j + 2)
-                _copy_pages(pool.buf[:, chunks], views[swa][:, chunks], src, dst, pool.backend)
+                kernels.page_copy(
+                    pool.buf[:, chunks], views[swa][:, chunks], src, dst, backend=pool.backend
+                )
             transfers.layer_loaded(layer_id)
 
     def evict_host(self, full: int, swa: int = 0) -> int:

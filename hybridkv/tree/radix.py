@@ -327,6 +327,7 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
                     assert n.swa_lock >= 0, "unlocking an unlocked node"
                     if n.swa_lock == 0 and n.swa:
                         self.evictable_swa += len(n)
+                        self._swa_lru.push(n)
             moved.append(LockHandle(node, start))
         return moved
 
