@@ -8,8 +8,29 @@ through :class:`hybridkv.MemoryManager` (needs the ``hf`` extra: transformers).
 
 from __future__ import annotations
 
-from hybridkv.engine.attention import paged_attention_torch, paged_kv
-from hybridkv.engine.model import FAMILIES, HFModel, LayerSpec
-from hybridkv.engine.runner import Engine
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = ["FAMILIES", "Engine", "HFModel", "LayerSpec", "paged_attention_torch", "paged_kv"]
+
+if TYPE_CHECKING:
+    from hybridkv.engine.attention import paged_attention_torch, paged_kv
+    from hybridkv.engine.model import FAMILIES, HFModel, LayerSpec
+    from hybridkv.engine.runner import Engine
+
+_WHERE = {
+    "FAMILIES": "model",
+    "HFModel": "model",
+    "LayerSpec": "model",
+    "Engine": "runner",
+    "paged_attention_torch": "attention",
+    "paged_kv": "attention",
+}
+
+
+def __getattr__(name: str) -> object:
+    # NOTE: lazy, so `python -m hybridkv.engine` can set TRITON_INTERPRET before any kernel
+    # is decorated (@triton.jit reads it then).
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"hybridkv.engine.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'hybridkv.engine' has no attribute {name!r}")

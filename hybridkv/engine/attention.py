@@ -110,46 +110,44 @@ class FlashInferAttention:
     def supports(spec: LayerSpec, device: torch.device) -> bool:
         return flashinfer is not None and device.type == "cuda" and spec.sinks is None
 
-    def plan(
+    def attend(
         self,
-        key: tuple,
         qo_indptr: torch.Tensor,
         table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         spec: LayerSpec,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        page_size: int,
-        dtype: torch.dtype,
-    ) -> None:
-        """Plan a wrapper for ``key`` (e.g. ``(is_swa, window, scaling, softcap)``) this step."""
-        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        kv_indptr, kv_indices, last = table
-        wrapper.plan(
-            qo_indptr.int(),
-            kv_indptr,
-            kv_indices,
-            last,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            page_size,
-            causal=True,
-            # NOTE: FlashInfer's window_left counts keys left of the query; HF's window
-            # counts the query too.
-            window_left=-1 if spec.window is None else spec.window - 1,
-            logits_soft_cap=spec.softcap or 0.0,
-            sm_scale=spec.scaling,
-            q_data_type=dtype,
-            kv_data_type=dtype,
-        )
-        self._wrappers[key] = wrapper
+        q: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+    ) -> torch.Tensor:
+        """Same contract as :func:`paged_attention_torch` for the plan's ``qo_indptr`` and one
+        of its tables; the first layer of each (table, window, scaling, softcap) plans the
+        wrapper that later layers of the step reuse."""
+        key = (table[1].data_ptr(), spec.window, spec.scaling, spec.softcap)
+        wrapper = self._wrappers.get(key)
+        if wrapper is None:
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+            kv_indptr, kv_indices, last = table
+            wrapper.plan(
+                qo_indptr.to(q.device, torch.int32),
+                kv_indptr,
+                kv_indices,
+                last,
+                q.shape[1],
+                k_pages.shape[2],
+                q.shape[2],
+                k_pages.shape[1],
+                causal=True,
+                # NOTE: FlashInfer's window_left counts keys left of the query; HF's window
+                # counts the query too.
+                window_left=-1 if spec.window is None else spec.window - 1,
+                logits_soft_cap=spec.softcap or 0.0,
+                sm_scale=spec.scaling,
+                q_data_type=k_pages.dtype,
+                kv_data_type=k_pages.dtype,
+            )
+            self._wrappers[key] = wrapper
+        return wrapper.run(q.to(k_pages.dtype), (k_pages, v_pages)).to(q.dtype)
 
     def reset(self) -> None:
-        """Forget the last step's plans."""
+        """Forget the last step's plans (call once per step, before its first layer)."""
         self._wrappers.clear()
-
-    def run(
-        self, key: tuple, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor
-    ) -> torch.Tensor:
-        return self._wrappers[key].run(q, (k_pages, v_pages))

@@ -8,6 +8,7 @@ the plan (all requests flattened into one row, each at its own positions), K/V w
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -29,6 +30,18 @@ class _Table:
     raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What every layer of one step's forward shares."""
+
+    plan: StepPlan
+    qo_indptr: torch.Tensor  # [batch + 1], each request's rows of the flat batch
+    qo: list[int]
+    q_starts: list[int]  # each request's extend_start
+    full: _Table
+    swa: _Table | None
+
+
 class Engine:
     """Runs ``model`` (a transformers ``*ForCausalLM`` or an :class:`HFModel`) over a
     :class:`MemoryManager` built from ``cache_config`` (default: the model's shape with
@@ -36,7 +49,8 @@ class Engine:
 
     ``record_logits=True`` keeps every computed position's logits in ``self.logits[rid]``
     (``{position: [vocab]}``, a position computed twice, e.g. after a retraction, keeps
-    the last) and each finished request's whole sequence in ``self.sequences``.
+    the last) and each finished request's whole sequence in ``self.sequences`` (its prompt
+    length in ``self.prompt_lens``).
     ``attention``: ``"auto"`` (FlashInfer on CUDA when installed, else torch) or ``"torch"``.
     """
 
@@ -57,12 +71,15 @@ class Engine:
         if attention not in ("auto", "torch"):
             raise ValueError("attention must be 'auto' or 'torch'")
         self._fi = None
-        if attention == "auto" and FlashInferAttention.supports(self.model.specs[0], self.mm.device):
+        if attention == "auto" and any(
+            FlashInferAttention.supports(s, self.mm.device) for s in self.model.specs
+        ):
             self._fi = FlashInferAttention(self.mm.device)
         self.seqs: dict[str, list[int]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.logits: dict[str, dict[int, torch.Tensor]] = {}
         self.sequences: dict[str, list[int]] = {}
+        self.prompt_lens: dict[str, int] = {}
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self._rids = itertools.count()
@@ -77,6 +94,7 @@ class Engine:
         self.prompt_tokens += len(prompt)
         if self.record_logits:
             self.logits[rid] = {}
+            self.prompt_lens[rid] = len(prompt)
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int | list[int]
@@ -137,30 +155,9 @@ class Engine:
         rope = model.rotary(h, torch.tensor(pos, dtype=torch.int64, device=dev))
         if self._fi is not None:
             self._fi.reset()
+        step = _Step(plan, qo_t, qo, q_starts, full, swa)
         for spec in model.specs:
-
-            def attend(q, k, v, spec: LayerSpec = spec) -> torch.Tensor:
-                lid = spec.layer_id
-                table = full if spec.window is None else swa
-                # NOTE: wait before the write too: a load back copies whole pages, and a new
-                # token may land in the partial last page of a loaded prefix.
-                plan.wait(lid)
-                self.mm.kv.set_kv(lid, plan.out_cache_loc, k, v)
-                k_pages, v_pages = paged_kv(self.mm.kv, lid)
-                if self._fi is not None and FlashInferAttention.supports(spec, q.device):
-                    key = (spec.window, spec.scaling, spec.softcap)
-                    if key not in self._fi._wrappers:
-                        self._fi.plan(
-                            key, qo_t.to(dev), table.raw, spec, *q.shape[1:2],
-                            k_pages.shape[2], q.shape[2], k_pages.shape[1], q.dtype,
-                        )  # fmt: skip
-                    return self._fi.run(key, q, k_pages, v_pages)
-                return paged_attention_torch(
-                    q, k_pages, v_pages, qo, q_starts, table.kv_indptr, table.kv_indices,
-                    table.kv_last_page_len, table.kv_starts, spec,
-                )  # fmt: skip
-
-            h = model.layer(spec.layer_id, h, rope, attend)
+            h = model.layer(spec.layer_id, h, rope, functools.partial(self._attend, step, spec))
         last = [qo[i + 1] - 1 for i, r in enumerate(reqs) if r.produces_token]
         if self.record_logits:
             logits = model.logits(h)
@@ -173,6 +170,24 @@ class Engine:
             picked = model.logits(h[:, last])
         best = iter(picked.argmax(-1).tolist())
         return [next(best) if r.produces_token else 0 for r in reqs]
+
+    def _attend(
+        self, step: _Step, spec: LayerSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer ``spec``'s attention: write the step's K/V, read the paged context."""
+        lid, plan = spec.layer_id, step.plan
+        table = step.full if spec.window is None else step.swa
+        # NOTE: wait before the write too: a load back copies whole pages, and a new token
+        # may land in the partial last page of a loaded prefix.
+        plan.wait(lid)
+        self.mm.kv.set_kv(lid, plan.out_cache_loc, k, v)
+        k_pages, v_pages = paged_kv(self.mm.kv, lid)
+        if self._fi is not None and FlashInferAttention.supports(spec, q.device):
+            return self._fi.attend(step.qo_indptr, table.raw, spec, q, k_pages, v_pages)
+        return paged_attention_torch(
+            q, k_pages, v_pages, step.qo, step.q_starts, table.kv_indptr, table.kv_indices,
+            table.kv_last_page_len, table.kv_starts, spec,
+        )  # fmt: skip
 
     def _tables(self, plan: StepPlan) -> tuple[_Table, _Table | None]:
         """The plan's tables as host lists, with each request's first key position derived:
@@ -223,7 +238,9 @@ def _check_fits(model: HFModel, cfg: CacheConfig) -> None:
     }
     for name, value in want.items():
         if getattr(cfg, name) != value:
-            raise ValueError(f"cache_config.{name} is {getattr(cfg, name)!r}, the model has {value!r}")
+            raise ValueError(
+                f"cache_config.{name} is {getattr(cfg, name)!r}, the model has {value!r}"
+            )
     if cfg.mamba_layer_ids:
         raise ValueError("cache_config.mamba_layer_ids: the model has no recurrent layers")
     if model.window is not None and cfg.sliding_window < model.window:

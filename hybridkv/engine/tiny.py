@@ -7,15 +7,20 @@ by 1e-3.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 
-TINY_FAMILIES = ("gemma3_text", "gemma2", "qwen2", "mistral", "gpt_oss")
+if TYPE_CHECKING:
+    from hybridkv.engine.runner import Engine
+
+TINY_FAMILIES = ("gemma3_text", "gemma2", "qwen2", "mistral", "gpt_oss", "llama")
 
 
 def tiny_config(family: str, window: int = 8, layers: int = 4, vocab: int = 96) -> object:
     """A transformers config of ``family`` with hidden 64, 4 heads (2 KV heads), head_dim 16,
     and SWA layers of ``window`` (all but every third for Gemma, the upper half for Qwen2,
-    every layer for Mistral, every other for GPT-OSS); fp32 eager attention."""
+    every layer for Mistral, every other for GPT-OSS, none for Llama); fp32 eager attention."""
     import transformers as tf
 
     common = dict(
@@ -31,9 +36,7 @@ def tiny_config(family: str, window: int = 8, layers: int = 4, vocab: int = 96) 
         attn_implementation="eager",
         torch_dtype=torch.float32,
     )
-    pattern = [
-        "full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)
-    ]
+    pattern = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)]
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(**common, layer_types=pattern, query_pre_attn_scalar=16)
     if family == "gemma2":
@@ -48,6 +51,8 @@ def tiny_config(family: str, window: int = 8, layers: int = 4, vocab: int = 96) 
         return tf.Qwen2Config(**common, use_sliding_window=True, max_window_layers=layers // 2)
     if family == "mistral":
         return tf.MistralConfig(**common)
+    if family == "llama":  # full attention only
+        return tf.LlamaConfig(**{k: v for k, v in common.items() if k != "sliding_window"})
     if family == "gpt_oss":
         types = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (
             layers % 2
@@ -95,3 +100,27 @@ def reference_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
     ids = torch.tensor([tokens], dtype=torch.int64, device=model.device)
     with torch.no_grad():
         return model(ids, use_cache=False).logits[0].float().cpu()
+
+
+class Comparison(NamedTuple):
+    """Engine vs transformers over every finished request of an engine."""
+
+    max_diff: float  # max |logit difference| over every computed position
+    positions: int  # computed positions compared
+    token_mismatches: list[tuple[str, int]]  # (rid, position) where greedy tokens differ
+
+
+def compare_with_transformers(engine: Engine, model: torch.nn.Module) -> Comparison:
+    """Compare each finished request of ``engine`` (built with ``record_logits=True``) with
+    ``model``'s no-cache forward over the same sequence: the logits of every position the
+    engine computed, and each generated token against the reference's argmax."""
+    max_diff, positions, mismatches = 0.0, 0, []
+    for rid, seq in engine.sequences.items():
+        ref = reference_logits(model, seq)
+        for p, got in engine.logits[rid].items():
+            max_diff = max(max_diff, float((ref[p] - got).abs().max()))
+            positions += 1
+        for p in range(engine.prompt_lens[rid] - 1, len(seq) - 1):
+            if int(ref[p].argmax()) != seq[p + 1]:
+                mismatches.append((rid, p))
+    return Comparison(max_diff, positions, mismatches)
