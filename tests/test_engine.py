@@ -79,22 +79,25 @@ def workload(seed: int, n: int, steps: int = 12, new: tuple[int, int] = (2, 10))
 
 
 def drive(eng: Engine, arrivals: list[Arrival], prefix: str = "r") -> int:
-    """Add each request at its step, run to completion, ``mm.check()`` after every step.
+    """Add each request at its step, run to completion, ``mm.check()`` after every step;
+    some prompt must take more than one chunk.
 
     Returns the most cached full tokens that had no SWA KV (tombstoned) after any step."""
-    pending, step, tombstoned = list(arrivals), 0, 0
+    pending, step, tombstoned, chunks = list(arrivals), 0, 0, 0
     for i, (at, prompt, n) in enumerate(pending):
         pending[i] = (at, prompt, n, f"{prefix}{i}")
     while pending or eng.seqs:
         while pending and pending[0][0] <= step:
             _, prompt, n, rid = pending.pop(0)
             eng.add(rid, prompt, n)
-        eng.step()
+        if eng.step() is not None:
+            chunks += sum(not r.produces_token for r in eng.last_plan.reqs)
         eng.mm.check()
         st = eng.mm.stats()
         tombstoned = max(tombstoned, st["full_cached"] - st["swa_cached"])
         step += 1
         assert step < 2000, "did not finish"
+    assert chunks > 0, "no prompt was chunked"
     return tombstoned
 
 
@@ -102,6 +105,10 @@ def assert_matches(eng: Engine, family: str, requests: int) -> float:
     """Every request finished; its computed logits and greedy tokens match transformers."""
     assert len(eng.sequences) == requests
     cmp = compare_with_transformers(eng, model(family))
+    st = eng.stats()
+    # Every computed position was compared (once, where a retraction recomputed some).
+    assert cmp.positions <= st["computed_tokens"]
+    assert cmp.positions == st["computed_tokens"] or st["retracted_requests"] > 0
     assert cmp.max_diff < TOL, f"max logit difference {cmp.max_diff}"
     assert not cmp.token_mismatches, f"greedy tokens differ at {cmp.token_mismatches[:5]}"
     return cmp.max_diff
@@ -229,7 +236,7 @@ def test_window_off_by_one_is_caught(family: str, delta: int) -> None:
     ]
     drive(eng, workload(11, 4))
     cmp = compare_with_transformers(eng, model(family))
-    assert cmp.max_diff > 0.1, f"an off-by-one window moved logits by only {cmp.max_diff}"
+    assert cmp.max_diff > 0.5, f"an off-by-one window moved logits by only {cmp.max_diff}"
 
 
 def test_cache_config_that_cannot_hold_the_model_is_rejected() -> None:

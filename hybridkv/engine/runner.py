@@ -80,6 +80,7 @@ class Engine:
         self.logits: dict[str, dict[int, torch.Tensor]] = {}
         self.sequences: dict[str, list[int]] = {}
         self.prompt_lens: dict[str, int] = {}
+        self.last_plan: StepPlan | None = None  # the plan of the latest step, for inspection
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self._rids = itertools.count()
@@ -119,7 +120,7 @@ class Engine:
 
     def step(self) -> list[str] | None:
         """One schedule / forward / commit; the finished rids, or None when nothing ran."""
-        plan = self.mm.schedule()
+        plan = self.last_plan = self.mm.schedule()
         if plan is None:
             return None
         tokens = self._forward(plan)
