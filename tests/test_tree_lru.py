@@ -128,8 +128,14 @@ OPS = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(
     cfg=st.sampled_from(
-        [(1, 2, "window"), (2, 4, "window"), (2, 3, "lru"), (4, 8, "window"), (4, 4, "lru"),
-         (2, None, "window")]
+        [
+            (1, 2, "window"),
+            (2, 4, "window"),
+            (2, 3, "lru"),
+            (4, 8, "window"),
+            (4, 4, "lru"),
+            (2, None, "window"),
+        ]
     ),
     ops=OPS,
 )
