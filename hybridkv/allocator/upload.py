@@ -24,11 +24,19 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def upload_many(device: torch.device, *arrays: np.ndarray) -> list[torch.Tensor]:
-    """Upload int64 arrays in one copy; return one device view per array."""
-    sizes = [a.shape[0] for a in arrays]
-    packed = upload(np.concatenate(arrays).astype(np.int64, copy=False), device)
-    return list(torch.split(packed, sizes)) if len(arrays) > 1 else [packed]
+def upload_many(
+    device: torch.device, *arrays: np.ndarray, dtype: type = np.int64
+) -> list[torch.Tensor]:
+    """1-D integer arrays on ``device`` as ``dtype``, one tensor each: on CUDA one packed
+    copy and views into it; on CPU zero-copy views of the arrays themselves."""
+    if device.type == "cpu":
+        return [torch.from_numpy(a.astype(dtype, copy=False)) for a in arrays]
+    packed = upload(np.concatenate(arrays).astype(dtype, copy=False), device)
+    views, offset = [], 0
+    for a in arrays:
+        views.append(packed[offset : offset + a.shape[0]])
+        offset += a.shape[0]
+    return views
 
 
 def host_ints(values: object) -> np.ndarray:

@@ -48,6 +48,7 @@ class Decode:
         self.slide = slide
         self.pages = pages
         self.counters = counters
+        self._constant_arrays: tuple[np.ndarray, ...] = ()
 
     def schedule(self) -> StepPlan | None:
         q, t, ps = self.queues, self.table, self.config.page_size
@@ -71,18 +72,18 @@ class Decode:
                 q.stop(victim)
                 rows, rids = q.running_batch()
             self.retract(victim)
-        n = len(rows)
+        ones, zeros, indptr, produces, no_states = self._constants(len(rows))
         batch = StepBatch(
             rids=rids,
             rows=rows,
             extend_starts=kv,
-            extend_lens=np.ones(n, dtype=np.int64),
-            qo_indptr=np.arange(n + 1, dtype=np.int64),
+            extend_lens=ones,
+            qo_indptr=indptr,
             is_decode=True,
-            produces_token=np.ones(n, dtype=bool),
-            cached_lens=np.zeros(n, dtype=np.int64),
-            loaded_lens=np.zeros(n, dtype=np.int64),
-            state_slots=self._state_slots(rows),
+            produces_token=produces,
+            cached_lens=zeros,
+            loaded_lens=zeros,
+            state_slots=no_states if self.states is None else self._state_slots(rows),
         )
         last = t.flat_positions(rows, kv - 1)
         inputs = self.pages.inputs(batch, last)
@@ -95,9 +96,21 @@ class Decode:
         self.admission.decay()
         return self.pages.build(batch, out, inputs)
 
+    def _constants(self, n: int) -> tuple[np.ndarray, ...]:
+        """Per-request arrays every decode batch of ``n`` shares (never mutated): ones, zeros,
+        ``qo_indptr``, the produces-a-token flags and the no-state slots (-1)."""
+        if not self._constant_arrays or self._constant_arrays[0].shape[0] != n:
+            arrays = (
+                np.ones(n, dtype=np.int64),
+                np.zeros(n, dtype=np.int64),
+                np.arange(n + 1, dtype=np.int64),
+                np.ones(n, dtype=bool),
+                np.full(n, -1, dtype=np.int64),
+            )
+            self._constant_arrays = arrays
+        return self._constant_arrays
+
     def _state_slots(self, rows: np.ndarray) -> np.ndarray:
-        if self.states is None:
-            return np.full(len(rows), -1, dtype=np.int64)
         owner = self.table.owner
         return np.fromiter((owner[r].state_slot for r in rows.tolist()), np.int64, len(rows))
 
