@@ -60,6 +60,24 @@ def _decoding(running: int, swa: bool, backend: str) -> MemoryManager:
     return mm
 
 
+def _swa_manager(**overrides: object) -> MemoryManager:
+    """A small SWA model (layer 1 of 2 is SWA) on the torch backend; ``overrides`` win."""
+    fields = dict(
+        num_layers=2,
+        swa_layer_ids=(1,),
+        num_kv_heads=1,
+        head_dim=4,
+        page_size=4,
+        sliding_window=8,
+        full_tokens=512,
+        swa_tokens=256,
+        dtype=torch.float32,
+        device=str(DEVICE),
+        backend="torch",
+    )
+    return MemoryManager(CacheConfig(**(fields | overrides)))
+
+
 def _steps(mm: MemoryManager, steps: int) -> tuple[int, list[str]]:
     """Run decode steps under the counter; return (aten ops, syncs)."""
     n = mm.stats()["running"]
@@ -114,20 +132,7 @@ def test_full_only_model_has_no_swa_pool() -> None:
 
 def test_plan_struct_of_arrays_matches_reqs() -> None:
     """qo_indptr, extend starts and lengths agree with plan.reqs, for prefill and decode."""
-    cfg = CacheConfig(
-        num_layers=2,
-        swa_layer_ids=(1,),
-        num_kv_heads=1,
-        head_dim=4,
-        page_size=4,
-        sliding_window=8,
-        full_tokens=512,
-        swa_tokens=256,
-        dtype=torch.float32,
-        device=str(DEVICE),
-        backend="torch",
-    )
-    mm = MemoryManager(cfg)
+    mm = _swa_manager()
     mm.add_request(Request("a", list(range(10)), 3))
     mm.add_request(Request("b", list(range(5)), 3))
     for _ in range(3):
@@ -148,21 +153,15 @@ def test_plan_struct_of_arrays_matches_reqs() -> None:
 def test_host_page_tables_equal_the_kernel_reference(page_size: int) -> None:
     """The torch path's host-built page tables equal page_table_reference's, full and SWA,
     for prefill (ragged, chunked, prefix hits) and decode steps."""
-    cfg = CacheConfig(
+    mm = _swa_manager(
         num_layers=3,
-        swa_layer_ids=(1,),
-        num_kv_heads=1,
-        head_dim=4,
         page_size=page_size,
         sliding_window=6,
         full_tokens=2048,
         swa_tokens=1024,
         chunked_prefill_size=32,
-        dtype=torch.float32,
-        device=str(DEVICE),
-        backend="torch",
     )
-    mm = MemoryManager(cfg)
+    cfg = mm.config
     shared = list(range(40))
     for i, n in enumerate([1, 37, 5, 64, 17]):
         mm.add_request(Request(f"r{i}", shared[: n // 2] + [100 + i] * (n - n // 2), 12))
@@ -194,21 +193,8 @@ def test_host_page_tables_equal_the_kernel_reference(page_size: int) -> None:
 def test_paged_view_and_swa_table_starts_read_what_set_kv_wrote() -> None:
     """Reading each plan's page tables through kv.paged (from swa_table_starts on SWA layers)
     gives back the K the engine wrote at each position."""
-    cfg = CacheConfig(
-        num_layers=2,
-        swa_layer_ids=(1,),
-        num_kv_heads=2,
-        head_dim=3,
-        page_size=4,
-        sliding_window=6,
-        full_tokens=512,
-        swa_tokens=256,
-        chunked_prefill_size=8,
-        dtype=torch.float32,
-        device=str(DEVICE),
-        backend="torch",
-    )
-    mm = MemoryManager(cfg)
+    mm = _swa_manager(num_kv_heads=2, head_dim=3, sliding_window=6, chunked_prefill_size=8)
+    cfg = mm.config
     mm.add_request(Request("a", list(range(13)), 6))
     mm.add_request(Request("b", list(range(13)) + [99], 6))
     while (plan := mm.schedule()) is not None:
@@ -240,20 +226,7 @@ def test_paged_view_and_swa_table_starts_read_what_set_kv_wrote() -> None:
 def test_swa_pins_slide_in_one_tree_call_per_step() -> None:
     """While decoding windows slide over their cached prompts, each step moves every pin
     that crossed a lock step in one slide_swa_locks call, never an inc/dec_lock pair."""
-    cfg = CacheConfig(
-        num_layers=2,
-        swa_layer_ids=(1,),
-        num_kv_heads=1,
-        head_dim=4,
-        page_size=4,
-        sliding_window=16,
-        full_tokens=4096,
-        swa_tokens=2048,
-        dtype=torch.float32,
-        device=str(DEVICE),
-        backend="torch",
-    )
-    mm = MemoryManager(cfg)
+    mm = _swa_manager(sliding_window=16, full_tokens=4096, swa_tokens=2048)
     for i in range(8):
         mm.add_request(Request(f"r{i}", [i + 1, *range(31)], 40))
     plan = mm.schedule()
