@@ -1064,3 +1064,27 @@ def test_host_short_and_free(ps, copy_backend):
     assert host.backup(view, _t([5])).tolist() == [2]
     assert torch.equal(_bits(host.buf[2]), _bits(view[5]))
     host.allocator.check()
+
+
+@pytest.mark.parametrize("ps", PAGE_SIZES)
+def test_swa_free_whole_pages_matches_marking(ps):
+    """free/free_swa of whole-page runs (tree nodes) read pages off directly, leaving the
+    same free lists and map as marking the pool; slots that are not such runs are refused
+    in debug mode."""
+    pools = []
+    for whole in (False, True):
+        alloc = SWAAllocator(12 * ps, 12 * ps, ps, DEVICE, "torch")
+        s = alloc.alloc_extend([0], [8 * ps], torch.tensor([-1], device=DEVICE))
+        nodes = torch.cat([s[3 * ps : 5 * ps], s[:ps], s[6 * ps : 8 * ps]])
+        alloc.free_swa(nodes[: 2 * ps], whole_pages=whole)
+        alloc.free(nodes, whole_pages=whole)
+        alloc.check()
+        pools.append(alloc)
+    marked, direct = pools
+    assert marked.full.free_pages_view().tolist() == direct.full.free_pages_view().tolist()
+    assert marked.swa.free_pages_view().tolist() == direct.swa.free_pages_view().tolist()
+    assert torch.equal(marked.full_to_swa, direct.full_to_swa)
+    if ps > 1:
+        s = direct.alloc_extend([0], [2 * ps], torch.tensor([-1], device=DEVICE))
+        with pytest.raises(AssertionError, match="whole pages"):
+            direct.free(s[1 : 1 + ps], whole_pages=True)

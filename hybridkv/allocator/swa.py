@@ -108,27 +108,43 @@ class SWAAllocator(FreeGroup):
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 
-    def free(self, full_slots: torch.Tensor) -> None:
-        """Free whole full pages and the SWA pages they map to (tombstones map to none)."""
+    def free(self, full_slots: torch.Tensor, whole_pages: bool = False) -> None:
+        """Free whole full pages and the SWA pages they map to (tombstones map to none).
+
+        ``whole_pages``: the slots are runs of whole pages, each from a page's first slot,
+        no page twice (a tree node's slots); their pages are then read off directly instead
+        of marking the pool (``slots_to_pages``), which costs O(pool) and a sync.
+        """
         if full_slots.numel() == 0:
             return
         if self._grouped(full_slots):
             return
-        pages = kernels.slots_to_pages(
-            full_slots, self.page_size, self.full.num_pages, backend=self.backend
-        )
+        pages = self._pages(full_slots, whole_pages)
         if self.swa is not None:
             self._free_swa_of_pages(pages)
         self.full.free_pages(pages)
 
-    def free_swa(self, full_slots: torch.Tensor) -> None:
-        """Tombstone whole pages: free their SWA pages, keep their full KV."""
+    def free_swa(self, full_slots: torch.Tensor, whole_pages: bool = False) -> None:
+        """Tombstone whole pages: free their SWA pages, keep their full KV (``whole_pages``
+        as for :meth:`free`)."""
         if full_slots.numel() == 0:
             return
-        pages = kernels.slots_to_pages(
-            full_slots, self.page_size, self.full.num_pages, backend=self.backend
-        )
-        self._free_swa_of_pages(pages)
+        self._free_swa_of_pages(self._pages(full_slots, whole_pages))
+
+    def _pages(self, full_slots: torch.Tensor, whole_pages: bool) -> torch.Tensor:
+        """The sorted distinct full pages of ``full_slots``."""
+        if not whole_pages:
+            return kernels.slots_to_pages(
+                full_slots, self.page_size, self.full.num_pages, backend=self.backend
+            )
+        pages = torch.sort(full_slots[:: self.page_size] // self.page_size).values
+        if kernels.debug_enabled():
+            marked = kernels.slots_to_pages(
+                full_slots, self.page_size, self.full.num_pages, backend=self.backend
+            )
+            if not torch.equal(pages, marked):
+                raise AssertionError("whole_pages slots are not runs of distinct whole pages")
+        return pages
 
     def _free_swa_of_pages(self, full_pages: torch.Tensor) -> None:
         by_page = self.full_to_swa.view(-1, self.page_size)

@@ -56,9 +56,9 @@ class EvictionMixin:
                 more = self._evict_lru_swa(params.swa - swa, dropped, tombstoned)
                 full, swa = full + more.full, swa + more.swa
         if tombstoned:
-            self.allocator.free_swa(torch.cat(tombstoned))
+            self.allocator.free_swa(torch.cat(tombstoned), whole_pages=True)
         if dropped:
-            self.allocator.free(torch.cat(dropped))
+            self.allocator.free(torch.cat(dropped), whole_pages=True)
         return EvictResult(full, swa)
 
     def _evict_leaves(self, target: int, dropped: list[torch.Tensor]) -> EvictResult:
