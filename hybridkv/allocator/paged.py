@@ -109,16 +109,18 @@ class PagedAllocator(FreeGroup):
         seq_lens: object,
         last_loc: torch.Tensor,
         device_lens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_new_pages: int | None = None,
     ) -> torch.Tensor | None:
         """Slots for positions ``[prefix_lens[i], seq_lens[i])`` of each request.
 
         ``prefix_lens``, ``seq_lens``: int64 host lengths (the decision needs no device sync);
         ``last_loc``: int64 on the pool's device; ``device_lens``: the same lengths already on
-        the device (uploaded here when ``None``). Returns int64 slots in request order, or
-        ``None`` (nothing taken) when the pool is short.
+        the device (uploaded here when ``None``); ``num_new_pages``: their
+        :meth:`pages_for_extend`, if the caller has it. Returns int64 slots in request order,
+        or ``None`` (nothing taken) when the pool is short.
         """
         prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
-        need = self.pages_for_extend(prefix, seq)
+        need = self.pages_for_extend(prefix, seq) if num_new_pages is None else num_new_pages
         if need > self.free_page_count:
             return None
         if device_lens is None:
@@ -146,14 +148,16 @@ class PagedAllocator(FreeGroup):
         seq_lens: object,
         last_loc: torch.Tensor,
         seq_lens_device: torch.Tensor | None = None,
+        num_new_pages: int | None = None,
     ) -> torch.Tensor | None:
         """One slot per request for position ``seq_lens[i] - 1``; ``None`` when short.
 
         ``seq_lens``: int64 host lengths; ``last_loc``: int64 on the pool's device;
-        ``seq_lens_device``: ``seq_lens`` already on the device (uploaded when ``None``).
+        ``seq_lens_device``: ``seq_lens`` already on the device (uploaded when ``None``);
+        ``num_new_pages``: their :meth:`decode_pages`, if the caller has it.
         """
         seq = host_ints(seq_lens)
-        need = self.decode_pages(seq)
+        need = self.decode_pages(seq) if num_new_pages is None else num_new_pages
         if need > self.free_page_count:
             return None
         if seq_lens_device is None:

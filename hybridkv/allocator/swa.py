@@ -75,14 +75,15 @@ class SWAAllocator(FreeGroup):
         ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned.
         """
         prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
-        if not self._fits(self.full.pages_for_extend(prefix, seq)):
+        need = self.full.pages_for_extend(prefix, seq)
+        if not self._fits(need):
             return None
         if device_lens is None:
             device_lens = tuple(upload_many(self.device, prefix, seq))
-        full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens)
+        full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens, need)
         if self.swa is not None:
             swa_last_loc = self.translate(last_loc.clamp(min=0))
-            swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens)
+            swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens, need)
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 
@@ -91,20 +92,23 @@ class SWAAllocator(FreeGroup):
         seq_lens: object,
         last_loc: torch.Tensor,
         seq_lens_device: torch.Tensor | None = None,
+        num_new_pages: int | None = None,
     ) -> torch.Tensor | None:
         """One full slot (and its SWA slot) per request for position ``seq_lens[i] - 1``.
 
-        ``seq_lens``: host lengths; ``seq_lens_device``: the same on the device (optional).
+        ``seq_lens``: host lengths; ``seq_lens_device``: the same on the device (optional);
+        ``num_new_pages``: the pages it takes from each pool, if the caller has counted them.
         """
         seq = host_ints(seq_lens)
-        if not self._fits(self.full.decode_pages(seq)):
+        need = self.full.decode_pages(seq) if num_new_pages is None else num_new_pages
+        if not self._fits(need):
             return None
         if seq_lens_device is None:
             seq_lens_device = upload(seq, self.device)
-        full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device)
+        full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device, need)
         if self.swa is not None:
             swa_last_loc = self.translate(last_loc.clamp(min=0))
-            swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device)
+            swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device, need)
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 

@@ -58,7 +58,8 @@ class Decode:
         self.slide.release(rows)
         while True:
             kv = t.kv_len[rows]
-            need = int(np.count_nonzero(kv % ps == 0)) * ps
+            new_pages = int(np.count_nonzero(kv % ps == 0))
+            need = new_pages * ps
             if self.admission.make_room(need, need if self.config.has_swa else 0):
                 break
             # NOTE: a lone request always fits (add_request and CacheConfig check it).
@@ -89,7 +90,7 @@ class Decode:
         inputs = self.pages.inputs(batch, last)
         (last_dev,) = inputs.extra
         last_loc = t.flat.index_select(0, last_dev).long()
-        out = self.allocator.alloc_decode(kv + 1, last_loc, inputs.seq_lens)
+        out = self.allocator.alloc_decode(kv + 1, last_loc, inputs.seq_lens, new_pages)
         assert out is not None, "decode batch does not fit after eviction"
         t.flat.index_copy_(0, last_dev + 1, out.int())
         t.alloc_len[rows] = kv + 1

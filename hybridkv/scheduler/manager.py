@@ -389,13 +389,10 @@ def _token_ids(next_token_ids: object, n: int) -> np.ndarray:
     """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, 2**63)``."""
     if isinstance(next_token_ids, torch.Tensor):
         next_token_ids = next_token_ids.tolist()
-    if isinstance(next_token_ids, np.ndarray):
-        ids = next_token_ids
-    else:
-        try:
-            ids = np.asarray(next_token_ids)
-        except (OverflowError, ValueError):
-            raise ValueError("next_token_ids must hold non-negative ints below 2**63") from None
+    try:
+        ids = np.asarray(next_token_ids)
+    except (OverflowError, ValueError):
+        raise ValueError("next_token_ids must hold non-negative ints below 2**63") from None
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {n} requests")
     if n and (ids.dtype.kind not in "iu" or ids.dtype == np.uint64 or bool((ids < 0).any())):
