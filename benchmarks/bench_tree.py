@@ -126,7 +126,7 @@ def test_evict_per_call(benchmark, pool: str, frees: str) -> None:
         if tree is None or tree.cached_full < state["floor"] or tree.evictable_swa < 4 * PAGE:
             tree, convs = _chat_tree()
             if frees == "tree_only":
-                tree.allocator.free = tree.allocator.free_swa = lambda slots: None
+                tree.allocator.free = tree.allocator.free_swa = lambda slots, **_: None
             state.update(tree=tree, convs=convs, floor=tree.cached_full * 3 // 4)
         tree.match_prefix(rng.choice(state["convs"]))
         return (tree,), {}

@@ -84,7 +84,7 @@ class Decode:
             produces_token=produces,
             cached_lens=zeros,
             loaded_lens=zeros,
-            state_slots=no_states if self.states is None else self._state_slots(rows),
+            state_slots=no_states if self.states is None else t.state_slot[rows],
         )
         last = t.flat_positions(rows, kv - 1)
         inputs = self.pages.inputs(batch, last)
@@ -110,10 +110,6 @@ class Decode:
             )
             self._constant_arrays = arrays
         return self._constant_arrays
-
-    def _state_slots(self, rows: np.ndarray) -> np.ndarray:
-        owner = self.table.owner
-        return np.fromiter((owner[r].state_slot for r in rows.tolist()), np.int64, len(rows))
 
     def commit(self, batch: StepBatch, ids: np.ndarray, gone: set[int]) -> list[ReqState]:
         """Advance every request of a decode ``batch`` by its token; return those finished.

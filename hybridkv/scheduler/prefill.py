@@ -236,7 +236,7 @@ class Prefill:
         assert slots is not None, "admitted working states do not fit"
         src, dst, fresh = [], [], []
         for a, slot in zip(new, slots.tolist(), strict=True):
-            a.req.state_slot = slot
+            self.table.set_state_slot(a.req, slot)
             end = a.match.last_host_node
             if end is not self.tree.root:
                 assert self.tree.load_state(end), "admitted state load back does not fit"

@@ -9,7 +9,8 @@ reads and advances a whole batch with a few array operations and never asks the 
                                   (SWA layers)
 
 ``tokens[row, :fill_len]`` are the prompt and every generated token; ``pin_start`` and
-``pin_end`` mirror the request's tree lock (it pins the SWA KV of ``[pin_start, pin_end)``).
+``pin_end`` mirror the request's tree lock (it pins the SWA KV of ``[pin_start, pin_end)``),
+``state_slot`` its working recurrent state slot (-1: none).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class RequestTable:
         self.released, self.fill_len = zeros(), zeros()
         self.output_len, self.max_new, self.arrival = zeros(), zeros(), zeros()
         self.pin_start, self.pin_end = zeros(), zeros()
+        self.state_slot = np.full(rows, -1, dtype=np.int64)  # mirrors ReqState.state_slot
         self.owner: list[ReqState | None] = [None] * rows
         self._free = list(range(rows - 1, -1, -1))
 
@@ -69,6 +71,7 @@ class RequestTable:
         req.fill_ids = self.fill_ids(row)
         req.output_len = int(self.output_len[row])
         self.owner[row] = None
+        self.state_slot[row] = -1
         self._free.append(row)
         req.row = -1
 
@@ -78,6 +81,12 @@ class RequestTable:
         if req.row >= 0 and lock is not None:
             self.pin_start[req.row] = lock.swa_start
             self.pin_end[req.row] = lock.node.end
+
+    def set_state_slot(self, req: ReqState, slot: int) -> None:
+        """Set ``req.state_slot`` and its mirror in the row."""
+        req.state_slot = slot
+        if req.row >= 0:
+            self.state_slot[req.row] = slot
 
     def fill_ids(self, row: int, end: int | None = None) -> list[int]:
         """The ids of positions ``[0, end)`` of ``row`` (default: every id it has)."""
