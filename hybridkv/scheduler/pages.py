@@ -19,7 +19,7 @@ class StepInputs:
     the caller's ``extra`` arrays and, on the torch path, the page tables' positions) and,
     on the torch path, one int32 upload (the tables' ``kv_indptr`` and last page lengths)."""
 
-    __slots__ = ("rows", "extend_starts", "seq_lens", "kv_starts", "extra", "tables")
+    __slots__ = ("rows", "extend_starts", "seq_lens", "kv_starts", "swa_starts", "extra", "tables")
 
     def __init__(
         self,
@@ -32,9 +32,12 @@ class StepInputs:
     ) -> None:
         starts, rows = batch.extend_starts, batch.rows
         seq = starts + batch.extend_lens
+        # the first key each request's SWA table lists: its window's first page
+        self.swa_starts = None
         kv_starts = [np.zeros_like(seq)]
         if window is not None:
-            kv_starts.append(np.maximum(starts - window, 0))
+            self.swa_starts = np.maximum(starts - window, 0) // page_size * page_size
+            kv_starts.append(self.swa_starts)
         layouts = []
         if host_tables:
             layouts = [HostPageTable(table, rows, k, seq, page_size) for k in kv_starts]
@@ -126,14 +129,8 @@ class PlanBuilder:
             full_pages=full,
             swa_pages=swa,
             transfers=self.transfers,
-            swa_table_starts=self._swa_table_starts(batch),
+            swa_table_starts=inputs.swa_starts,
         )
-
-    def _swa_table_starts(self, batch: StepBatch) -> np.ndarray | None:
-        window, ps = self.config.window, self.config.page_size
-        if window is None:
-            return None
-        return np.maximum(batch.extend_starts - window, 0) // ps * ps
 
     def _host_tables(self, inputs: StepInputs) -> tuple[PageTable, PageTable | None]:
         ps, t = self.config.page_size, self.table
@@ -168,8 +165,8 @@ class PlanBuilder:
             backend=cfg.backend,
         )
         swa = None
-        if cfg.window is not None:
-            first = np.maximum(batch.extend_starts - cfg.window, 0) // ps
+        if inputs.swa_starts is not None:
+            first = inputs.swa_starts // ps
             swa = kernels.page_table(
                 self.table.req_to_token,
                 inputs.rows,
