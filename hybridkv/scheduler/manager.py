@@ -140,6 +140,11 @@ class MemoryManager:
         return self.table.req_to_token
 
     @property
+    def _token_bound(self) -> int:
+        """Token ids must lie below this: the vocabulary, else what int64 holds."""
+        return self.config.vocab_size or MAX_TOKEN_ID
+
+    @property
     def new_token_ratio(self) -> float:
         return self.admission.new_token_ratio
 
@@ -189,8 +194,9 @@ class MemoryManager:
         ids = request.input_ids
         if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty sequence of token ids")
-        if not all(type(t) is int and 0 <= t < MAX_TOKEN_ID for t in ids):
-            raise ValueError(f"input_ids must hold ints in [0, {MAX_TOKEN_ID})")
+        bound = self._token_bound
+        if not all(type(t) is int and 0 <= t < bound for t in ids):
+            raise ValueError(f"input_ids must hold ints in [0, {bound}){_bound_name(bound)}")
         n = request.max_new_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
@@ -269,7 +275,7 @@ class MemoryManager:
         """
         if plan is None or plan is not self._pending:
             raise ValueError("plan is not the pending plan of this manager")
-        ids = _token_ids(next_token_ids, len(plan))
+        ids = _token_ids(next_token_ids, len(plan), self._token_bound)
         batch, q = plan.batch, self.queues
         with self.allocator.free_group():
             if batch.is_decode:
@@ -385,19 +391,28 @@ class MemoryManager:
         self.caching.in_flight_states = []
 
 
-def _token_ids(next_token_ids: object, n: int) -> np.ndarray:
-    """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, 2**63)``."""
+def _token_ids(next_token_ids: object, n: int, bound: int) -> np.ndarray:
+    """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, bound)``."""
+    bad = f"next_token_ids must hold ints in [0, {bound}){_bound_name(bound)}"
     if isinstance(next_token_ids, torch.Tensor):
         next_token_ids = next_token_ids.tolist()
     try:
         ids = np.asarray(next_token_ids)
     except (OverflowError, ValueError):
-        raise ValueError("next_token_ids must hold non-negative ints below 2**63") from None
+        raise ValueError(bad) from None
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {n} requests")
     if n and (ids.dtype.kind not in "iu" or ids.dtype == np.uint64 or bool((ids < 0).any())):
-        raise ValueError("next_token_ids must hold non-negative ints below 2**63")
+        raise ValueError(bad)
+    # NOTE: int64 ids are below MAX_TOKEN_ID already (comparing with 2**63 is not exact in
+    # numpy 1.x, which compares int64 with it as float64).
+    if n and bound < MAX_TOKEN_ID and bool((ids >= bound).any()):
+        raise ValueError(bad)
     return ids.astype(np.int64, copy=False)
+
+
+def _bound_name(bound: int) -> str:
+    return "" if bound == MAX_TOKEN_ID else " (vocab_size)"
 
 
 def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
