@@ -4,6 +4,10 @@ against a naive model, KV pool reads/writes and host backup/load."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -21,6 +25,7 @@ from hypothesis.stateful import (
 
 from hybridkv import kernels
 from hybridkv.allocator import HostPool, KVPool, PagedAllocator, SWAAllocator
+from hybridkv.errors import CheckError
 
 PAGE_SIZES = [1, 4, 16]
 BACKENDS = ["torch", "triton"]
@@ -297,12 +302,12 @@ def test_paged_check_catches_corruption():
     slots = _extend(alloc, [0], [8], [-1])
     alloc.free(slots[:1])
     alloc.free(slots[:1])
-    with pytest.raises(AssertionError, match="twice"):
+    with pytest.raises(CheckError, match="twice"):
         alloc.check()
     alloc = PagedAllocator(16, 4, DEVICE, "torch")
     _extend(alloc, [0], [4], [-1])
     alloc.free_pages(_t([0]))
-    with pytest.raises(AssertionError, match="bad free page"):
+    with pytest.raises(CheckError, match="bad free page"):
         alloc.check()
 
 
@@ -401,6 +406,52 @@ def test_swa_free_swa_tombstones_whole_pages(ps, backend):
     alloc.free(a)
     assert _free(alloc.full) == [1, 2, 3, 4, 5] and _free(alloc.swa) == [3, 1, 2, 4, 5]
     _check_swa(alloc)
+
+
+def test_swa_check_catches_a_corrupt_map():
+    """check() raises CheckError on a map into a free SWA page and on page 0 mapped."""
+    alloc = _swa(4, 4, 4)
+    a = _extend(alloc, [0], [4], [-1])
+    alloc.swa.free_pages(_t([1]))  # SWA page 1 free while full page 1 maps to it
+    with pytest.raises(CheckError, match="free SWA page"):
+        alloc.check()
+    alloc = _swa(4, 4, 4)
+    alloc.full_to_swa[2] = 5
+    with pytest.raises(CheckError, match="page 0 maps"):
+        alloc.check()
+    del a
+
+
+def test_checks_survive_python_o():
+    """Allocator and manager checks raise CheckError under ``python -O`` (no bare asserts)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from hybridkv import CacheConfig, MemoryManager
+        from hybridkv.allocator import PagedAllocator
+        from hybridkv.errors import CheckError
+
+        alloc = PagedAllocator(16, 4, "cpu", "torch")
+        alloc.alloc_pages(1)
+        alloc.free_pages(torch.tensor([0]))
+        mm = MemoryManager(CacheConfig(num_layers=2, num_kv_heads=1, head_dim=4, page_size=4,
+            full_tokens=64, swa_tokens=0, sliding_window=None, device="cpu", backend="torch"))
+        mm.allocator.full.alloc_pages(1)  # a page leaked: in no one's hands
+        for check in (alloc.check, mm.check):
+            try:
+                check()
+            except CheckError as e:
+                print("caught:", e)
+        """
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-O", "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "caught: bad free page",
+        "caught: full: pages [1] are lost or held twice",
+    ], out.stderr
 
 
 @pytest.mark.parametrize("ps", PAGE_SIZES)

@@ -31,6 +31,7 @@ from workloads import (
 
 import hybridkv.kernels as kernels_mod
 from hybridkv import CacheConfig, MemoryManager, Request, StepPlan
+from hybridkv.errors import CheckError
 from hybridkv.scheduler import prefill as prefill_mod
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.cost import Cost, cost
@@ -376,7 +377,8 @@ def test_check_covers_state_slots(how: str) -> None:
     d.step()
     d.mm.check()
     BREAKS[how](d.mm)
-    with pytest.raises(AssertionError, match="state"):
+    # NOTE: "forget" is caught by the tree's own check, which may still assert.
+    with pytest.raises((CheckError, AssertionError), match="state"):
         d.mm.check()
 
 

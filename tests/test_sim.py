@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from hybridkv.errors import CheckError
 from hybridkv.scheduler import CacheConfig, MemoryManager
 from hybridkv.sim import cli, report
 from hybridkv.sim import run as sim_run
@@ -314,11 +315,13 @@ def test_sparkline_and_percentile() -> None:
     assert json.loads(dump_trace(small("docqa", 1))[0])["session"].startswith("doc")
 
 
-def test_invariant_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing mm.check() stops the run as an invariant error."""
+@pytest.mark.parametrize("error", [CheckError, AssertionError])
+def test_invariant_failure_is_reported(monkeypatch: pytest.MonkeyPatch, error: type) -> None:
+    """A failing mm.check() (a CheckError, or a tree check's assertion) stops the run as an
+    invariant error."""
 
     def check(self: MemoryManager) -> None:
-        raise AssertionError("full: pages [3] are lost or held twice")
+        raise error("full: pages [3] are lost or held twice")
 
     monkeypatch.setattr(MemoryManager, "check", check)
     res = sim_run.run(small("chat", 0), TINY, check_every=3)

@@ -16,6 +16,7 @@ import torch
 from hybridkv import kernels
 from hybridkv.allocator.paged import FreeGroup, PagedAllocator
 from hybridkv.allocator.upload import host_ints, upload, upload_many
+from hybridkv.errors import ensure
 
 
 class SWAAllocator(FreeGroup):
@@ -202,18 +203,18 @@ class SWAAllocator(FreeGroup):
         return new_released
 
     def check(self) -> None:
-        """Assert both free lists and the map are consistent with each other."""
+        """Raise :class:`~hybridkv.errors.CheckError` unless both free lists and the map are
+        consistent with each other."""
         self.full.check()
         if self.swa is None:
             return
         self.swa.check()
         by_page = self.full_to_swa.view(-1, self.page_size)
-        assert not bool(by_page[0].any()), "page 0 maps to SWA"
-        assert not bool(by_page[self.full.free_pages_view()].any()), "a free full page maps to SWA"
+        ensure(not bool(by_page[0].any()), "page 0 maps to SWA")
+        ensure(not bool(by_page[self.full.free_pages_view()].any()), "a free full page maps to SWA")
         mapped = self.full_to_swa[self.full_to_swa != 0]
-        assert mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot"
+        ensure(mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot")
         swa_free = torch.zeros(self.swa.num_pages, dtype=torch.bool, device=self.device)
         swa_free[self.swa.free_pages_view()] = True
-        assert not bool(swa_free[mapped // self.page_size].any()), (
-            "a full slot maps to a free SWA page"
-        )
+        maps_free = bool(swa_free[mapped // self.page_size].any())
+        ensure(not maps_free, "a full slot maps to a free SWA page")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hybridkv.allocator import HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
+from hybridkv.errors import ensure
 from hybridkv.scheduler.admission import Admission
 from hybridkv.scheduler.caching import Caching
 from hybridkv.scheduler.config import CacheConfig
@@ -330,8 +331,9 @@ class MemoryManager:
         return gauges | self.counters | {"backed_up_tokens": tree.backed_up_tokens}
 
     def check(self) -> None:
-        """Assert every invariant: each page of each pool is in exactly one of the free list,
-        the tree and a running request; lock counts match the running requests' locks."""
+        """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page
+        of each pool is in exactly one of the free list, the tree and a running request; lock
+        counts match the running requests' locks."""
         self.tree.check()
         self.allocator.check()
         alloc, ps, t, q = self.allocator, self.config.page_size, self.table, self.queues
@@ -340,32 +342,47 @@ class MemoryManager:
         own_full, own_swa = [], []
         for r in active:
             row = r.row
-            assert t.owner[row] is r, "a row's owner drifted"
-            assert t.kv_len[row] <= t.alloc_len[row] <= t.fill_len[row] <= t.max_context
+            ensure(t.owner[row] is r, "a row's owner drifted")
+            ensure(
+                t.kv_len[row] <= t.alloc_len[row] <= t.fill_len[row] <= t.max_context,
+                "a row's lengths are out of order",
+            )
             own_full.append(t.slots(row, int(t.cached_len[row]), int(t.alloc_len[row])))
             swa_from = max(int(t.cached_len[row]), int(t.released[row]))
             own_swa.append(t.slots(row, swa_from, int(t.alloc_len[row])))
-        _assert_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
+        _check_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
         if alloc.has_swa:
             swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
-            _assert_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
+            _check_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
         locks: dict[int, int] = {}
         for req in active:
             lock = req.lock
-            assert lock is not None and lock.node.end == t.cached_len[req.row]
-            assert (t.pin_start[req.row], t.pin_end[req.row]) == (lock.swa_start, lock.node.end)
+            ensure(
+                lock is not None and lock.node.end == t.cached_len[req.row],
+                "a request's lock does not end at its cached prefix",
+            )
+            ensure(
+                (t.pin_start[req.row], t.pin_end[req.row]) == (lock.swa_start, lock.node.end),
+                "a row's SWA pin drifted from its lock",
+            )
             for node in lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
-                assert node.start < lock.swa_start or node.swa, "a locked window lost SWA"
+                ensure(node.start < lock.swa_start or node.swa, "a locked window lost SWA")
         for node in self.tree._nodes():
-            assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
-            assert node.host_lock == 0, "a host copy pinned between steps"
-            assert node.state_lock == 0, "a snapshot pinned between steps"
+            ensure(node.full_lock == locks.get(id(node), 0), "full lock count drifted")
+            ensure(node.host_lock == 0, "a host copy pinned between steps")
+            ensure(node.state_lock == 0, "a snapshot pinned between steps")
         for req in q.waiting:
-            assert req.row < 0 and req.lock is None
-        assert t.free_rows + len(active) == self.config.max_running_requests
+            ensure(req.row < 0 and req.lock is None, "a waiting request holds a row or a lock")
+        ensure(
+            t.free_rows + len(active) == self.config.max_running_requests,
+            "request rows are lost or held twice",
+        )
         rows, rids = q.running_batch()
-        assert rids == list(q.running) and rows.tolist() == [r.row for r in q.running.values()]
+        ensure(
+            rids == list(q.running) and rows.tolist() == [r.row for r in q.running.values()],
+            "the running batch drifted from the running requests",
+        )
         if self.states is not None:
             held = self.tree._check_states()
             held += self.caching.in_flight_states
@@ -374,8 +391,8 @@ class MemoryManager:
                 if req.snapshot is not None:
                     held.append(req.snapshot[1])
             pages = [torch.tensor(held, dtype=torch.int64, device=self.device)]
-            _assert_partition("state", pages, self.states.allocator)
-            assert len(held) == len(set(held)), "a state slot held twice"
+            _check_partition("state", pages, self.states.allocator)
+            ensure(len(held) == len(set(held)), "a state slot held twice")
 
     def flush(self) -> None:
         """Wait for every pending host<->device transfer."""
@@ -415,14 +432,15 @@ def _bound_name(bound: int) -> str:
     return "" if bound == MAX_TOKEN_ID else " (vocab_size)"
 
 
-def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
-    """Assert every page but page 0 is held by exactly one owner or free, page 0 by none."""
+def _check_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
+    """Raise :class:`~hybridkv.errors.CheckError` unless every page but page 0 is held by
+    exactly one owner or free, and page 0 by none."""
     free = allocator.free_pages_view()
     count = torch.zeros(allocator.num_pages, dtype=torch.int64, device=free.device)
     for pages in owners:
         pages = torch.unique(pages)
         count.index_add_(0, pages, torch.ones_like(pages))
     count.index_add_(0, free, torch.ones_like(free))
-    assert int(count[0]) == 0, f"{pool}: page 0 is in use"
+    ensure(int(count[0]) == 0, f"{pool}: page 0 is in use")
     bad = (count[1:] != 1).nonzero().flatten() + 1
-    assert bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice"
+    ensure(bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice")
