@@ -408,6 +408,27 @@ def test_swa_free_swa_tombstones_whole_pages(ps, backend):
     _check_swa(alloc)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ps", [4, 16])
+def test_swa_alloc_refuses_to_continue_a_tombstoned_page(ps, backend):
+    """Extending or decoding mid-page from a tombstoned last_loc would take SWA slots on the
+    reserved page 0: ValueError naming last_loc, and neither pool changes."""
+    alloc = _swa(6, 6, ps, backend)
+    a = _extend(alloc, [0], [ps + 1], [-1])  # full 1, 2 -> SWA 1, 2; position ps mid-page
+    alloc.free_swa(a)  # tombstoned
+    before = (_free(alloc.full), _free(alloc.swa), alloc.full_to_swa.clone())
+    with pytest.raises(ValueError, match="last_loc"):
+        _extend(alloc, [ps + 1], [ps + 3], [int(a[-1])])
+    with pytest.raises(ValueError, match="last_loc"):
+        _decode(alloc, [ps + 2], [int(a[-1])])
+    assert (_free(alloc.full), _free(alloc.swa)) == before[:2]
+    assert torch.equal(alloc.full_to_swa, before[2])
+    _check_swa(alloc)
+    got = _extend(alloc, [2 * ps], [2 * ps + 1], [int(a[-1])])  # a new page: no SWA needed
+    assert bool((alloc.translate(got) >= ps).all())
+    _check_swa(alloc)
+
+
 def test_swa_check_catches_a_corrupt_map():
     """check() raises CheckError on a map into a free SWA page and on page 0 mapped."""
     alloc = _swa(4, 4, 4)
