@@ -1001,21 +1001,46 @@ def test_kv_roundtrip(ps, dtype):
 
 @pytest.mark.parametrize("ps", PAGE_SIZES)
 def test_kv_tombstoned_slots_write_padding(ps):
-    """SWA writes at tombstoned slots land in padding slot 0 only; mapped slots still work."""
+    """SWA writes at tombstoned slots land in padding slot 0 only; mapped slots still work;
+    reading a tombstoned slot (outside the window) is refused, padding slot 0 reads."""
     gen = _gen("tomb", ps)
     alloc, kv = _kv(ps, torch.float32)
     a = _extend(alloc, [0], [2 * ps], [-1])  # full 1, 2 -> SWA 1, 2
     alloc.free_swa(a[:ps])
     k, v = (_random_bits((2 * ps, HEADS, DIM), torch.float32, gen) for _ in range(2))
     kv.set_kv(SWA_LAYERS[1], a, k, v)
-    got_k, got_v = kv.get_kv(SWA_LAYERS[1], a)
-    assert torch.equal(_bits(got_k[ps:]), _bits(k[ps:]))
-    assert torch.equal(_bits(got_v[ps:]), _bits(v[ps:]))
-    assert torch.equal(_bits(got_k[:ps]), _bits(kv.swa_buf[2, 0].expand(ps, HEADS, DIM)))
+    got_k, got_v = kv.get_kv(SWA_LAYERS[1], a[ps:])
+    assert torch.equal(_bits(got_k), _bits(k[ps:]))
+    assert torch.equal(_bits(got_v), _bits(v[ps:]))
+    for tombstoned in (a, a[:1], a[ps - 1 : ps + 1]):
+        with pytest.raises(ValueError, match="no SWA KV"):
+            kv.get_kv(SWA_LAYERS[1], tombstoned)
+    pad_k, _ = kv.get_kv(SWA_LAYERS[1], _t([0] * ps))
+    assert torch.equal(_bits(pad_k), _bits(kv.swa_buf[2, 0].expand(ps, HEADS, DIM)))
+    assert torch.equal(_bits(kv.get_kv(FULL_LAYERS[0], a)[0]), _bits(kv.full_buf[0, a]))
     touched = torch.zeros(kv.swa_buf.shape[1], dtype=torch.bool)
     touched[[0, *_slots(2, ps)]] = True
     assert not bool(_bits(kv.swa_buf[:, ~touched]).any())
     assert not bool(_bits(kv.full_buf).any())
+
+
+@pytest.mark.parametrize("layer", [FULL_LAYERS[0], SWA_LAYERS[0]], ids=["full", "swa"])
+def test_kv_slots_outside_the_pool_are_refused(layer):
+    """Full slot -1 (it would write the pool's last, allocatable slot) or past the pool:
+    ValueError naming full_slots from set_kv and get_kv, and nothing is written."""
+    alloc, kv = _kv(4, torch.float32)
+    size = alloc.full.num_slots
+    good = _extend(alloc, [0], [3], [-1])
+    k = torch.ones(4, HEADS, DIM)
+    for slot in (-1, size, size + 5):
+        bad = torch.cat([good, _t([slot])])
+        with pytest.raises(ValueError, match=rf"full_slots must lie in \[0, {size}\)"):
+            kv.set_kv(layer, bad, k, k)
+        with pytest.raises(ValueError, match=rf"full_slots must lie in \[0, {size}\)"):
+            kv.get_kv(layer, bad)
+    assert not bool(kv.full_buf.any()) and not bool(kv.swa_buf.any())
+    kv.set_kv(layer, good, k[:3], k[:3])
+    assert bool((kv.get_kv(layer, good)[0] == 1).all())
 
 
 def test_kv_bad_input():

@@ -607,6 +607,12 @@ def test_state_access_rejects_wrong_layer_or_shape() -> None:
     for bad_slots in (slots.int(), slots[None], [1, 2]):
         with pytest.raises(ValueError, match="slots"):
             states.get_state(3, bad_slots)
+    size = states.buf.shape[1]
+    for bad_slots in (torch.tensor([1, -1]), torch.tensor([size])):  # -1: the last slot
+        with pytest.raises(ValueError, match=r"slots must lie in \[0, "):
+            states.set_state(2, bad_slots, torch.ones(len(bad_slots), 2, 3))
+        with pytest.raises(ValueError, match=r"slots must lie in \[0, "):
+            states.get_state(2, bad_slots)
     assert torch.equal(states.buf, before)
     states.set_state(3, slots, x)
     assert torch.equal(states.get_state(3, slots), x.to(states.buf.dtype))
