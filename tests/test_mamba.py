@@ -259,6 +259,33 @@ def test_chunk_ends_at_page_boundary_and_a_copy_seeds_the_next_request(ps: int, 
     assert_snapshots_exact(mm, d.engine)
 
 
+def test_seed_snapshot_stays_pinned_until_its_copy() -> None:
+    """The snapshot a new request's working state is copied from is pinned (``state_lock``)
+    until that copy is issued: unpinned, a load back for a later request of the batch could
+    evict it and reuse its slot before the copy read it."""
+    cfg = mamba_config(page_size=4, chunked_prefill_size=64)
+    d = MambaDriver(MemoryManager(cfg))
+    mm = d.mm
+    prompt = tokens(random.Random(7), 11)
+    d.one(Request("a", prompt, 1))  # a snapshot at 8 (its first chunk ends there)
+    locks: list[int] = []
+    real = mm.states.copy
+
+    def copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+        held = {n.state: n for n in mm.tree._nodes() if n.state is not None}
+        locks.extend(held[s].state_lock for s in src.tolist() if s in held)
+        real(src, dst)
+
+    mm.states.copy = copy  # type: ignore[method-assign]
+    d.add(Request("b", prompt[:8] + [1, 2], 2))
+    plan = mm.schedule()
+    assert plan.reqs[0].cached_len == 8
+    assert locks == [1]
+    mm.states.copy = real  # type: ignore[method-assign]
+    d.step(plan)
+    d.run()
+
+
 def test_prefix_without_snapshot_at_its_end_is_not_matched() -> None:
     """A match is truncated to the last node with a snapshot, or 0 (tree and manager)."""
     cfg = mamba_config(swa_layer_ids=(), page_size=4)

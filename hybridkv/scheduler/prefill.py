@@ -244,7 +244,6 @@ class Prefill:
                 dst.append(slot)
             else:
                 fresh.append(slot)
-            end.state_lock -= 1
         device = self.states.buf.device
         if self.tree.host is not None:
             # NOTE: snapshots just loaded back, and freed slots just backed up, are read and
@@ -254,3 +253,7 @@ class Prefill:
             self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
         if fresh:
             self.states.zero(torch.tensor(fresh, device=device))
+        # NOTE: only now, the copy issued: until then a later load back in this batch could
+        # evict an unpinned seed snapshot and overwrite its slot before the copy read it.
+        for a in new:
+            a.match.last_host_node.state_lock -= 1
