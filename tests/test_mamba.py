@@ -564,6 +564,8 @@ def test_device_snapshot_evicted_matches_via_host_snapshot(ps: int) -> None:
     with mock.patch.object(PrefillAdder, "admit", admit):
         plan = mm.schedule()
     assert loads[0].state == 1
+    st = mm.stats()
+    assert (st["loaded_states"], st["loaded_tokens"], st["loaded_swa_tokens"]) == (1, 0, 0)
     b = plan.reqs[0]
     assert (b.cached_len, b.loaded_len, b.extend_start) == (boundary, 0, boundary)
     want = expected_state(d.engine, prompt[:boundary])

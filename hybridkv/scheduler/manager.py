@@ -32,8 +32,13 @@ from hybridkv.scheduler.tp import TPSync
 from hybridkv.tree import HostTier, RadixTree
 from hybridkv.tree.storage import FileStorage
 
+# NOTE: the hit counters and prefill_computed_tokens partition the prompt tokens of every
+# admission (a retracted request's prompt counts again): each token is a device, host or
+# storage hit (by where its full KV came from) or computed. SWA KV and state snapshots
+# loaded back onto a prefix are counted on their own (loaded_swa_tokens, loaded_states).
 COUNTERS = (
     "computed_tokens",
+    "prefill_computed_tokens",
     "device_hit_tokens",
     "host_hit_tokens",
     "storage_hit_tokens",
@@ -41,6 +46,8 @@ COUNTERS = (
     "evicted_swa_tokens",
     "backed_up_tokens",
     "loaded_tokens",
+    "loaded_swa_tokens",
+    "loaded_states",
     "retracted_requests",
 )
 
@@ -303,6 +310,7 @@ class MemoryManager:
             req = t.owner[row]
             t.kv_len[row] += n
             self.counters["computed_tokens"] += n
+            self.counters["prefill_computed_tokens"] += n
             self.caching.cache_prefix(req)
             if not produced:
                 continue
@@ -328,7 +336,11 @@ class MemoryManager:
             "running": len(q.running) + (q.chunked is not None),
             "waiting": len(q.waiting),
         }
-        return gauges | self.counters | {"backed_up_tokens": tree.backed_up_tokens}
+        transfers = {
+            "backed_up_tokens": tree.backed_up_tokens,
+            "loaded_swa_tokens": tree.loaded_swa_tokens,
+        }
+        return gauges | self.counters | transfers
 
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page

@@ -196,9 +196,7 @@ class Prefill:
         another (its trees drifted) re-matches to the common length.
         """
         limit = len(req.fill_ids) - 1
-        self.counters["storage_hit_tokens"] += self.tree.prefetch(
-            req.fill_ids, limit, self.tp.reduce_min
-        )
+        req.prefetched += self.tree.prefetch(req.fill_ids, limit, self.tp.reduce_min)
         match = self.tree.match_prefix(req.fill_ids, limit)
         local = [match.length, match.host_hit_length, match.swa_host_hit_length]
         common = self.tp.reduce_min(local)
@@ -224,8 +222,13 @@ class Prefill:
                 t.set_lock(req, lock)
             self.tree.pin_host(match.last_host_node, a.load_start, -1)
             t.cached_len[req.row] = t.released[req.row] = a.start
+            # NOTE: the tiers partition the prompt: what its prefetches read from storage is
+            # a storage hit, not a host hit too (it reaches the device through the host).
+            from_storage = min(req.prefetched, a.load.full)
+            req.prefetched = 0
             self.counters["device_hit_tokens"] += match.length
-            self.counters["host_hit_tokens"] += a.load.full
+            self.counters["host_hit_tokens"] += a.load.full - from_storage
+            self.counters["storage_hit_tokens"] += from_storage
             prefixes.append(self.tree.prefix_slots(req.lock.node))
         return prefixes
 
@@ -239,6 +242,7 @@ class Prefill:
             a.req.state_slot = slot
             end = a.match.last_host_node
             if end is not self.tree.root:
+                self.counters["loaded_states"] += int(end.state is None)
                 assert self.tree.load_state(end), "admitted state load back does not fit"
                 src.append(end.state)
                 dst.append(slot)
