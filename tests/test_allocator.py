@@ -4,6 +4,10 @@ against a naive model, KV pool reads/writes and host backup/load."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -21,6 +25,7 @@ from hypothesis.stateful import (
 
 from hybridkv import kernels
 from hybridkv.allocator import HostPool, KVPool, PagedAllocator, SWAAllocator
+from hybridkv.errors import CheckError
 
 PAGE_SIZES = [1, 4, 16]
 BACKENDS = ["torch", "triton"]
@@ -297,12 +302,12 @@ def test_paged_check_catches_corruption():
     slots = _extend(alloc, [0], [8], [-1])
     alloc.free(slots[:1])
     alloc.free(slots[:1])
-    with pytest.raises(AssertionError, match="twice"):
+    with pytest.raises(CheckError, match="twice"):
         alloc.check()
     alloc = PagedAllocator(16, 4, DEVICE, "torch")
     _extend(alloc, [0], [4], [-1])
     alloc.free_pages(_t([0]))
-    with pytest.raises(AssertionError, match="bad free page"):
+    with pytest.raises(CheckError, match="bad free page"):
         alloc.check()
 
 
@@ -401,6 +406,73 @@ def test_swa_free_swa_tombstones_whole_pages(ps, backend):
     alloc.free(a)
     assert _free(alloc.full) == [1, 2, 3, 4, 5] and _free(alloc.swa) == [3, 1, 2, 4, 5]
     _check_swa(alloc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ps", [4, 16])
+def test_swa_alloc_refuses_to_continue_a_tombstoned_page(ps, backend):
+    """Extending or decoding mid-page from a tombstoned last_loc would take SWA slots on the
+    reserved page 0: ValueError naming last_loc, and neither pool changes."""
+    alloc = _swa(6, 6, ps, backend)
+    a = _extend(alloc, [0], [ps + 1], [-1])  # full 1, 2 -> SWA 1, 2; position ps mid-page
+    alloc.free_swa(a)  # tombstoned
+    before = (_free(alloc.full), _free(alloc.swa), alloc.full_to_swa.clone())
+    with pytest.raises(ValueError, match="last_loc"):
+        _extend(alloc, [ps + 1], [ps + 3], [int(a[-1])])
+    with pytest.raises(ValueError, match="last_loc"):
+        _decode(alloc, [ps + 2], [int(a[-1])])
+    assert (_free(alloc.full), _free(alloc.swa)) == before[:2]
+    assert torch.equal(alloc.full_to_swa, before[2])
+    _check_swa(alloc)
+    got = _extend(alloc, [2 * ps], [2 * ps + 1], [int(a[-1])])  # a new page: no SWA needed
+    assert bool((alloc.translate(got) >= ps).all())
+    _check_swa(alloc)
+
+
+def test_swa_check_catches_a_corrupt_map():
+    """check() raises CheckError on a map into a free SWA page and on page 0 mapped."""
+    alloc = _swa(4, 4, 4)
+    a = _extend(alloc, [0], [4], [-1])
+    alloc.swa.free_pages(_t([1]))  # SWA page 1 free while full page 1 maps to it
+    with pytest.raises(CheckError, match="free SWA page"):
+        alloc.check()
+    alloc = _swa(4, 4, 4)
+    alloc.full_to_swa[2] = 5
+    with pytest.raises(CheckError, match="page 0 maps"):
+        alloc.check()
+    del a
+
+
+def test_checks_survive_python_o():
+    """Allocator and manager checks raise CheckError under ``python -O`` (no bare asserts)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from hybridkv import CacheConfig, MemoryManager
+        from hybridkv.allocator import PagedAllocator
+        from hybridkv.errors import CheckError
+
+        alloc = PagedAllocator(16, 4, "cpu", "torch")
+        alloc.alloc_pages(1)
+        alloc.free_pages(torch.tensor([0]))
+        mm = MemoryManager(CacheConfig(num_layers=2, num_kv_heads=1, head_dim=4, page_size=4,
+            full_tokens=64, swa_tokens=0, sliding_window=None, device="cpu", backend="torch"))
+        mm.allocator.full.alloc_pages(1)  # a page leaked: in no one's hands
+        for check in (alloc.check, mm.check):
+            try:
+                check()
+            except CheckError as e:
+                print("caught:", e)
+        """
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-O", "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "caught: bad free page",
+        "caught: full: pages [1] are lost or held twice",
+    ], out.stderr
 
 
 @pytest.mark.parametrize("ps", PAGE_SIZES)
@@ -929,21 +1001,46 @@ def test_kv_roundtrip(ps, dtype):
 
 @pytest.mark.parametrize("ps", PAGE_SIZES)
 def test_kv_tombstoned_slots_write_padding(ps):
-    """SWA writes at tombstoned slots land in padding slot 0 only; mapped slots still work."""
+    """SWA writes at tombstoned slots land in padding slot 0 only; mapped slots still work;
+    reading a tombstoned slot (outside the window) is refused, padding slot 0 reads."""
     gen = _gen("tomb", ps)
     alloc, kv = _kv(ps, torch.float32)
     a = _extend(alloc, [0], [2 * ps], [-1])  # full 1, 2 -> SWA 1, 2
     alloc.free_swa(a[:ps])
     k, v = (_random_bits((2 * ps, HEADS, DIM), torch.float32, gen) for _ in range(2))
     kv.set_kv(SWA_LAYERS[1], a, k, v)
-    got_k, got_v = kv.get_kv(SWA_LAYERS[1], a)
-    assert torch.equal(_bits(got_k[ps:]), _bits(k[ps:]))
-    assert torch.equal(_bits(got_v[ps:]), _bits(v[ps:]))
-    assert torch.equal(_bits(got_k[:ps]), _bits(kv.swa_buf[2, 0].expand(ps, HEADS, DIM)))
+    got_k, got_v = kv.get_kv(SWA_LAYERS[1], a[ps:])
+    assert torch.equal(_bits(got_k), _bits(k[ps:]))
+    assert torch.equal(_bits(got_v), _bits(v[ps:]))
+    for tombstoned in (a, a[:1], a[ps - 1 : ps + 1]):
+        with pytest.raises(ValueError, match="no SWA KV"):
+            kv.get_kv(SWA_LAYERS[1], tombstoned)
+    pad_k, _ = kv.get_kv(SWA_LAYERS[1], _t([0] * ps))
+    assert torch.equal(_bits(pad_k), _bits(kv.swa_buf[2, 0].expand(ps, HEADS, DIM)))
+    assert torch.equal(_bits(kv.get_kv(FULL_LAYERS[0], a)[0]), _bits(kv.full_buf[0, a]))
     touched = torch.zeros(kv.swa_buf.shape[1], dtype=torch.bool)
     touched[[0, *_slots(2, ps)]] = True
     assert not bool(_bits(kv.swa_buf[:, ~touched]).any())
     assert not bool(_bits(kv.full_buf).any())
+
+
+@pytest.mark.parametrize("layer", [FULL_LAYERS[0], SWA_LAYERS[0]], ids=["full", "swa"])
+def test_kv_slots_outside_the_pool_are_refused(layer):
+    """Full slot -1 (it would write the pool's last, allocatable slot) or past the pool:
+    ValueError naming full_slots from set_kv and get_kv, and nothing is written."""
+    alloc, kv = _kv(4, torch.float32)
+    size = alloc.full.num_slots
+    good = _extend(alloc, [0], [3], [-1])
+    k = torch.ones(4, HEADS, DIM)
+    for slot in (-1, size, size + 5):
+        bad = torch.cat([good, _t([slot])])
+        with pytest.raises(ValueError, match=rf"full_slots must lie in \[0, {size}\)"):
+            kv.set_kv(layer, bad, k, k)
+        with pytest.raises(ValueError, match=rf"full_slots must lie in \[0, {size}\)"):
+            kv.get_kv(layer, bad)
+    assert not bool(kv.full_buf.any()) and not bool(kv.swa_buf.any())
+    kv.set_kv(layer, good, k[:3], k[:3])
+    assert bool((kv.get_kv(layer, good)[0] == 1).all())
 
 
 def test_kv_bad_input():

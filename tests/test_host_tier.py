@@ -382,10 +382,12 @@ class Driver:
         self.mm.tree.match_prefix = match_prefix
 
     def step(self) -> tuple[object, list[str]]:
+        before = self.mm.stats()
         plan, finished = self.eng.step()
         self.mm.check()
         if plan is not None:
             self.plans.append(plan)
+            check_hit_partition(plan, before, self.mm.stats())
         self.evicted_full.append(self.mm.stats()["evicted_full_tokens"])
         return plan, finished
 
@@ -410,6 +412,17 @@ class Driver:
         start = len(self.plans)
         self.run([(0, request)])
         return self.plans[start:]
+
+
+def check_hit_partition(plan: object, before: dict[str, int], after: dict[str, int]) -> None:
+    """Each first chunk's prefix is a device hit (``cached_len``) or a host or storage hit
+    (``loaded_len``), counted once; prefill chunks count as prefill_computed_tokens."""
+    delta = {k: after[k] - before[k] for k in after}
+    firsts = [r for r in plan.reqs if not r.is_decode]
+    assert delta["device_hit_tokens"] == sum(r.cached_len for r in firsts)
+    loaded = sum(r.loaded_len for r in firsts)
+    assert delta["host_hit_tokens"] + delta["storage_hit_tokens"] == loaded, "a hit counted twice"
+    assert delta["prefill_computed_tokens"] == sum(r.extend_len for r in firsts)
 
 
 def mixed_workload(seed: int, n: int = 40, steps: int = 60, base: int = 0) -> list:
@@ -549,7 +562,11 @@ def test_admission_charges_swa_load_back() -> None:
     assert seen == [Cost(full=0, swa=16)]
     req = plans[0].reqs[0]
     assert (req.cached_len, req.loaded_len, req.extend_start, req.extend_len) == (40, 0, 40, 4)
-    assert d.mm.stats()["evicted_full_tokens"] == 0
+    st = d.mm.stats()
+    assert st["evicted_full_tokens"] == 0
+    # A device hit by its full KV; the window's SWA load back is counted on its own.
+    assert (st["device_hit_tokens"], st["host_hit_tokens"], st["loaded_tokens"]) == (40, 0, 0)
+    assert st["loaded_swa_tokens"] == 16
     assert cost(d.mm.config, 4, load=Cost(0, 16)).swa == cost(d.mm.config, 4).swa + 16
 
 
@@ -594,6 +611,7 @@ def test_new_manager_hits_pages_an_earlier_one_stored(tmp_path: Path) -> None:
     assert (req.cached_len, req.loaded_len, req.extend_start, req.extend_len) == (0, 40, 40, 3)
     st = second.mm.stats()
     assert st["storage_hit_tokens"] == 40 and st["loaded_tokens"] == 40
+    assert st["host_hit_tokens"] == 0  # through the host, but a storage hit only
 
 
 def test_corrupt_and_foreign_files_are_misses(tmp_path: Path) -> None:

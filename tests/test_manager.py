@@ -252,6 +252,7 @@ BAD_REQUESTS = {
     "over max_context_len": (Request("x", list(range(60)), 5), "max_context_len"),
     "negative token id": (Request("x", [1, -2], 4), "input_ids"),
     "float token id": (Request("x", [1, 2.0], 4), "input_ids"),  # type: ignore[list-item]
+    "token id past int64": (Request("x", [1, 2**63], 4), "input_ids"),
     "str prompt": (Request("x", "abc", 4), "input_ids"),  # type: ignore[arg-type]
     "empty rid": (Request("", [1], 4), "rid"),
     "int rid": (Request(7, [1], 4), "rid"),  # type: ignore[arg-type]
@@ -317,6 +318,10 @@ BAD_CONFIGS = [
     ("host_tokens", -1),
     ("host_tokens", 2),  # less than two pages
     ("storage", "/tmp/nowhere"),  # without the host tier
+    ("sliding_window", None),  # with SWA layers
+    ("swa_tokens", 0),  # with SWA layers
+    ("vocab_size", 0),
+    ("vocab_size", 50.0),
 ]
 BAD_CONFIGS += [
     ("full_tokens", 64.5),
@@ -350,7 +355,8 @@ def test_commit_with_wrong_number_of_ids(busy: Driver) -> None:
     plan = mm.schedule()
     assert plan is not None
     n = len(plan.reqs)
-    for ids in ([1] * (n - 1), [1] * (n + 1), [], [-1] * n, torch.ones(n + 1, dtype=torch.int64)):
+    bad = ([1] * (n - 1), [1] * (n + 1), [], [-1] * n, [2**63] * n, [2**64] * n, [1.0] * n)
+    for ids in (*bad, torch.ones(n + 1, dtype=torch.int64)):
         _unchanged(mm, lambda ids=ids: mm.commit(plan, ids), "next_token_ids")
     busy.step(plan)
     busy.run()

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from hybridkv.errors import CheckError
 from hybridkv.scheduler import CacheConfig, MemoryManager
 from hybridkv.sim import cli, report
 from hybridkv.sim import run as sim_run
@@ -314,11 +315,13 @@ def test_sparkline_and_percentile() -> None:
     assert json.loads(dump_trace(small("docqa", 1))[0])["session"].startswith("doc")
 
 
-def test_invariant_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing mm.check() stops the run as an invariant error."""
+@pytest.mark.parametrize("error", [CheckError, AssertionError])
+def test_invariant_failure_is_reported(monkeypatch: pytest.MonkeyPatch, error: type) -> None:
+    """A failing mm.check() (a CheckError, or a tree check's assertion) stops the run as an
+    invariant error."""
 
     def check(self: MemoryManager) -> None:
-        raise AssertionError("full: pages [3] are lost or held twice")
+        raise error("full: pages [3] are lost or held twice")
 
     monkeypatch.setattr(MemoryManager, "check", check)
     res = sim_run.run(small("chat", 0), TINY, check_every=3)
@@ -409,3 +412,23 @@ def test_samples_split_hits_by_tier() -> None:
     for x in res.samples:
         assert x.device_hit_rate + x.host_hit_rate + x.storage_hit_rate == pytest.approx(x.hit_rate)
     assert report.to_json(res)["config"]["dtype"] == "bfloat16"
+
+
+def test_hit_tiers_partition_the_prompt_tokens(tmp_path) -> None:  # noqa: ANN001
+    """With the host tier and a warm storage directory, every prompt token is a device, host
+    or storage hit or computed, once (a page read from storage reaches the device through the
+    host, but is no host hit); SWA load backs are counted, and reported, on their own."""
+    w = small("docqa", 0)
+    cfg = TINY.replace(host_tokens=8192, storage=str(tmp_path))
+    assert sim_run.run(w, cfg.replace(host_tokens=2048)).errors == []  # warms the storage
+    res = sim_run.run(w, cfg)
+    s = res.stats
+    assert res.errors == [] and s["retracted_requests"] == 0
+    tiers = [s[f"{t}_hit_tokens"] for t in report.TIERS]
+    assert all(tiers), tiers  # every tier hits here
+    assert sum(tiers) + s["prefill_computed_tokens"] == res.prompt_tokens == res.prefill_tokens
+    assert s["computed_tokens"] - s["prefill_computed_tokens"] == res.output_tokens - res.finished
+    m = report.summary(res)
+    assert m["hit_rate"] < 1 and m["loaded_swa_tokens"] == s["loaded_swa_tokens"] > 0
+    line = next(x for x in report.format_report(res).splitlines() if "host<->device" in x)
+    assert f"+ {s['loaded_swa_tokens']:,} SWA tokens" in line

@@ -211,9 +211,14 @@ class Driver:
             after = mm.stats()
             computed = sum(r.extend_len for r in plan.reqs if r.rid in self.live)
             assert after["computed_tokens"] - before["computed_tokens"] == computed
+            prefill = computed if not plan.batch.is_decode else 0
+            assert after["prefill_computed_tokens"] - before["prefill_computed_tokens"] == prefill
             if not given:
                 hits = sum(r.cached_len for r in plan.reqs)
                 assert after["device_hit_tokens"] - before["device_hit_tokens"] == hits
+                loaded = sum(r.loaded_len for r in plan.reqs)
+                lower = ("host_hit_tokens", "storage_hit_tokens")
+                assert sum(after[k] - before[k] for k in lower) == loaded, "a hit counted twice"
         mm.check()
         for rid in finished:
             assert rid in self.live, f"{rid} finished twice or was never added"

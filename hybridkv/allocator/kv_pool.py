@@ -52,8 +52,14 @@ class KVPool:
         self._where |= {lid: (True, j) for j, lid in enumerate(swa_layer_ids)}
 
     def _locate(
-        self, layer_id: int, full_slots: torch.Tensor
+        self, layer_id: int, full_slots: torch.Tensor, read: bool
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The pool, layer index and pool slots of ``full_slots``.
+
+        In debug mode (the checks sync) full slots outside the pool are a ``ValueError``, and
+        so is reading an SWA layer where a slot has no SWA KV (outside the window, or
+        tombstoned), which would read the padding page. Slot 0 (padding) is always allowed.
+        """
         if layer_id not in self._where:
             raise ValueError(f"layer_id {layer_id} is not a full or SWA attention layer")
         if (
@@ -63,12 +69,20 @@ class KVPool:
         ):
             raise ValueError("full_slots must be a 1-D int64 tensor")
         is_swa, j = self._where[layer_id]
-        if is_swa:
-            slots = kernels.full_to_swa(
-                full_slots.to(self.full_to_swa.device), self.full_to_swa, backend=self.backend
+        full_slots = full_slots.to(self.full_buf.device)
+        check = kernels.debug_enabled() and full_slots.numel() > 0
+        size = self.full_buf.shape[1]
+        if check and bool(((full_slots < 0) | (full_slots >= size)).any()):
+            raise ValueError(f"full_slots must lie in [0, {size}) (the full pool's slots)")
+        if not is_swa:
+            return self.full_buf, j, full_slots
+        slots = kernels.full_to_swa(full_slots, self.full_to_swa, backend=self.backend)
+        if read and check and bool(((slots == 0) & (full_slots != 0)).any()):
+            raise ValueError(
+                f"full_slots: layer {layer_id} is an SWA layer, and some slots have no SWA KV "
+                "(outside the sliding window, or tombstoned)"
             )
-            return self.swa_buf, j, slots
-        return self.full_buf, j, full_slots.to(self.full_buf.device)
+        return self.swa_buf, j, slots
 
     def set_kv(
         self, layer_id: int, full_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -77,7 +91,7 @@ class KVPool:
 
         Tombstoned SWA slots translate to 0, the padding page, where writes are harmless.
         """
-        buf, j, slots = self._locate(layer_id, full_slots)
+        buf, j, slots = self._locate(layer_id, full_slots, read=False)
         want = (full_slots.shape[0], self.num_kv_heads, self.head_dim)
         for name, x in (("k", k), ("v", v)):
             if tuple(x.shape) != want:
@@ -86,8 +100,11 @@ class KVPool:
         buf[2 * j + 1, slots] = v.to(buf.dtype)
 
     def get_kv(self, layer_id: int, full_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots``."""
-        buf, j, slots = self._locate(layer_id, full_slots)
+        """K and V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots``.
+
+        An SWA layer holds KV only within the window: slots without it are refused (debug
+        mode)."""
+        buf, j, slots = self._locate(layer_id, full_slots, read=True)
         return buf[2 * j, slots], buf[2 * j + 1, slots]
 
     def paged(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator.upload import host_ints, upload, upload_many
+from hybridkv.errors import ensure
 
 
 class FreeGroup:
@@ -194,8 +195,9 @@ class PagedAllocator(FreeGroup):
         self._stack[self._head : self._head + n] = pages
 
     def check(self) -> None:
-        """Assert the free pages are distinct, in range and never page 0."""
+        """Raise :class:`~hybridkv.errors.CheckError` unless the free pages are distinct, in
+        range and never page 0."""
         free = self.free_pages_view()
-        assert free.numel() == torch.unique(free).numel(), "a page is free twice"
+        ensure(free.numel() == torch.unique(free).numel(), "a page is free twice")
         if free.numel():
-            assert int(free.min()) >= 1 and int(free.max()) < self.num_pages, "bad free page"
+            ensure(int(free.min()) >= 1 and int(free.max()) < self.num_pages, "bad free page")

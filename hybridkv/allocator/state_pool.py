@@ -44,24 +44,32 @@ class StatePool:
         layers, slots = self.buf.shape[:2]
         return self.buf.view(layers, slots, math.prod(self.state_shape)).transpose(0, 1)
 
-    def _layer(self, layer_id: int, slots: torch.Tensor) -> int:
+    def _layer(self, layer_id: int, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """The layer's index and ``slots`` on the pool's device; slots outside the pool are a
+        ``ValueError`` in debug mode (the check syncs)."""
         if layer_id not in self._index:
             raise ValueError(f"layer_id {layer_id} is not a recurrent (mamba) layer")
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
             raise ValueError("slots must be a 1-D int64 tensor")
-        return self._index[layer_id]
+        slots = slots.to(self.buf.device)
+        size = self.buf.shape[1]
+        if kernels.debug_enabled() and slots.numel():
+            if bool(((slots < 0) | (slots >= size)).any()):
+                raise ValueError(f"slots must lie in [0, {size}) (the state pool's slots)")
+        return self._index[layer_id], slots
 
     def get_state(self, layer_id: int, slots: torch.Tensor) -> torch.Tensor:
         """The state ``[n, *state_shape]`` of layer ``layer_id`` at ``slots`` ``[n]``."""
-        return self.buf[self._layer(layer_id, slots), slots.to(self.buf.device)]
+        j, slots = self._layer(layer_id, slots)
+        return self.buf[j, slots]
 
     def set_state(self, layer_id: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Write ``x`` ``[n, *state_shape]`` as layer ``layer_id``'s state at ``slots`` ``[n]``."""
-        j = self._layer(layer_id, slots)
+        j, dev_slots = self._layer(layer_id, slots)
         want = (slots.shape[0], *self.state_shape)
         if tuple(x.shape) != want:
             raise ValueError(f"x must have shape {want}, got {tuple(x.shape)}")
-        self.buf[j, slots.to(self.buf.device)] = x.to(self.buf.dtype)
+        self.buf[j, dev_slots] = x.to(self.buf.dtype)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's state of slots ``src`` into slots ``dst`` (one kernel call)."""

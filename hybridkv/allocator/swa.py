@@ -11,11 +11,13 @@ freeing touch the full pool only.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from hybridkv import kernels
 from hybridkv.allocator.paged import FreeGroup, PagedAllocator
 from hybridkv.allocator.upload import host_ints, upload, upload_many
+from hybridkv.errors import ensure
 
 
 class SWAAllocator(FreeGroup):
@@ -72,7 +74,8 @@ class SWAAllocator(FreeGroup):
         """Full slots (with SWA slots mapped) for ``[prefix_lens[i], seq_lens[i])``.
 
         Same arguments as :meth:`PagedAllocator.alloc_extend`. The SWA KV of position
-        ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned.
+        ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned (the new tokens
+        continue its SWA page); debug mode checks it.
         """
         prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
         need = self.full.pages_for_extend(prefix, seq)
@@ -80,9 +83,10 @@ class SWAAllocator(FreeGroup):
             return None
         if device_lens is None:
             device_lens = tuple(upload_many(self.device, prefix, seq))
+        continues = (prefix % self.page_size != 0) & (seq > prefix)
+        swa_last_loc = self._swa_last_loc(last_loc, continues)
         full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens, need)
-        if self.swa is not None:
-            swa_last_loc = self.translate(last_loc.clamp(min=0))
+        if swa_last_loc is not None:
             swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens, need)
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
@@ -98,6 +102,8 @@ class SWAAllocator(FreeGroup):
 
         ``seq_lens``: host lengths; ``seq_lens_device``: the same on the device (optional);
         ``num_new_pages``: the pages it takes from each pool, if the caller has counted them.
+        The SWA KV of ``last_loc[i]`` must exist where the new token continues its page
+        (``seq_lens[i] - 1`` not page-aligned); debug mode checks it.
         """
         seq = host_ints(seq_lens)
         need = self.full.decode_pages(seq) if num_new_pages is None else num_new_pages
@@ -105,12 +111,29 @@ class SWAAllocator(FreeGroup):
             return None
         if seq_lens_device is None:
             seq_lens_device = upload(seq, self.device)
+        swa_last_loc = self._swa_last_loc(last_loc, (seq - 1) % self.page_size != 0)
         full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device, need)
-        if self.swa is not None:
-            swa_last_loc = self.translate(last_loc.clamp(min=0))
+        if swa_last_loc is not None:
             swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device, need)
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
+
+    def _swa_last_loc(self, last_loc: torch.Tensor, continues: np.ndarray) -> torch.Tensor | None:
+        """SWA slots of ``last_loc`` (``None`` without an SWA pool). The requests marked in
+        ``continues`` (host bools) continue their last page and must have one: a tombstone
+        translates to slot 0, and continuing it would hand out slots of the reserved page 0.
+        Debug mode checks it (it syncs)."""
+        if self.swa is None:
+            return None
+        swa_last_loc = self.translate(last_loc.clamp(min=0))
+        if kernels.debug_enabled() and continues.any():
+            mask = torch.from_numpy(continues).to(swa_last_loc.device)
+            if bool(((swa_last_loc == 0) & mask).any()):
+                raise ValueError(
+                    "last_loc: a request continuing its last page has no SWA KV at its last "
+                    "slot (tombstoned), so SWA slots would come from the reserved page 0"
+                )
+        return swa_last_loc
 
     def free(self, full_slots: torch.Tensor, whole_pages: bool = False) -> None:
         """Free whole full pages and the SWA pages they map to (tombstones map to none).
@@ -202,18 +225,18 @@ class SWAAllocator(FreeGroup):
         return new_released
 
     def check(self) -> None:
-        """Assert both free lists and the map are consistent with each other."""
+        """Raise :class:`~hybridkv.errors.CheckError` unless both free lists and the map are
+        consistent with each other."""
         self.full.check()
         if self.swa is None:
             return
         self.swa.check()
         by_page = self.full_to_swa.view(-1, self.page_size)
-        assert not bool(by_page[0].any()), "page 0 maps to SWA"
-        assert not bool(by_page[self.full.free_pages_view()].any()), "a free full page maps to SWA"
+        ensure(not bool(by_page[0].any()), "page 0 maps to SWA")
+        ensure(not bool(by_page[self.full.free_pages_view()].any()), "a free full page maps to SWA")
         mapped = self.full_to_swa[self.full_to_swa != 0]
-        assert mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot"
+        ensure(mapped.numel() == torch.unique(mapped).numel(), "two full slots share an SWA slot")
         swa_free = torch.zeros(self.swa.num_pages, dtype=torch.bool, device=self.device)
         swa_free[self.swa.free_pages_view()] = True
-        assert not bool(swa_free[mapped // self.page_size].any()), (
-            "a full slot maps to a free SWA page"
-        )
+        maps_free = bool(swa_free[mapped // self.page_size].any())
+        ensure(not maps_free, "a full slot maps to a free SWA page")

@@ -20,8 +20,11 @@ class CacheConfig:
     """Everything a :class:`MemoryManager` needs; all but the model shape has a default.
 
     Token counts are usable tokens per pool (rounded down to whole pages); each pool has
-    one more page, page 0, for padding writes. ``backend=None`` picks Triton where it can
-    run (CUDA, or the interpreter) and the torch references elsewhere.
+    one more page, page 0, for padding writes. A model without SWA layers has no SWA pool:
+    ``swa_tokens`` and ``sliding_window`` are then ignored, and may be 0 and ``None``.
+    ``vocab_size``, when set, bounds the token ids ``add_request`` and ``commit`` accept.
+    ``backend=None`` picks Triton where it can run (CUDA, or the interpreter) and the torch
+    references elsewhere.
     """
 
     num_layers: int
@@ -33,7 +36,7 @@ class CacheConfig:
     dtype: torch.dtype = torch.bfloat16
     full_tokens: int = 65536
     swa_tokens: int = 16384
-    sliding_window: int = 4096
+    sliding_window: int | None = 4096
     state_slots: int = 0
     state_shape: tuple[int, ...] = ()
     host_tokens: int = 0
@@ -46,6 +49,7 @@ class CacheConfig:
     swa_eviction: str = "window"
     device: str = field(default_factory=_default_device)
     backend: str | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("swa_layer_ids", "mamba_layer_ids", "state_shape"):
@@ -57,8 +61,17 @@ class CacheConfig:
             _positive(name, getattr(self, name))
         for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests"):
             _positive(name, getattr(self, name))
-        for name in ("max_context_len", "swa_tokens", "sliding_window"):
-            _positive(name, getattr(self, name))
+        _positive("max_context_len", self.max_context_len)
+        if self.has_swa:
+            _positive("swa_tokens", self.swa_tokens)
+            _positive("sliding_window", self.sliding_window)
+        else:
+            if not _is_int(self.swa_tokens) or self.swa_tokens < 0:
+                raise ValueError(f"swa_tokens must be a non-negative int, got {self.swa_tokens!r}")
+            if self.sliding_window is not None:
+                _positive("sliding_window", self.sliding_window)
+        if self.vocab_size is not None:
+            _positive("vocab_size", self.vocab_size)
         ids = self.swa_layer_ids + self.mamba_layer_ids
         if any(not 0 <= i < self.num_layers for i in ids) or len(set(ids)) != len(ids):
             raise ValueError(
@@ -129,12 +142,15 @@ class CacheConfig:
         before it stops pinning the prefix's SWA behind it: an eighth of the window, so a
         prompt's last window is split into at most eight nodes."""
         ps = self.page_size
-        return max(1, -(-self.sliding_window // ps) // 8) * ps
+        return max(1, -(-(self.window or 0) // ps) // 8) * ps
 
     @property
     def min_swa_tokens(self) -> int:
         """The smallest SWA pool one request always fits: its window (at least a page), a
-        page it decodes into, a page of alloc_extend slack and the lock's sliding step."""
+        page it decodes into, a page of alloc_extend slack and the lock's sliding step (0
+        without SWA layers)."""
+        if self.window is None:
+            return 0
         ps = self.page_size
         window_pages = -(-max(self.sliding_window, ps) // ps)
         return (window_pages + 2) * ps + self.swa_lock_step - ps

@@ -42,6 +42,7 @@ Pools from ``memory_bytes`` (what vLLM's ``gpu_memory_utilization`` leaves for t
 Without ``memory_bytes`` the pools keep CacheConfig's defaults (SWA raised to its minimum).
 ``overrides`` are CacheConfig fields and win over everything mapped or computed.
 ``max_context_len`` is not taken from ``max_position_embeddings``: it sizes ``req_to_token``.
+``vocab_size``, where the config has it, bounds the token ids the manager accepts.
 A config that cannot be mapped is a ``ValueError`` naming the field.
 """
 
@@ -283,6 +284,8 @@ def from_hf_config(
         dtype=_dtype(d),
         sliding_window=_window(d, kinds),
     )
+    if d.get("vocab_size") is not None:
+        mapped["vocab_size"] = _int(d, "vocab_size")
     if mapped["mamba_layer_ids"]:
         mapped |= dict(state_shape=_state_shape(d), state_slots=max(3, CacheConfig.state_slots))
     base = CacheConfig(**(mapped | overrides | dict(full_tokens=1 << 20, swa_tokens=1 << 20)))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hybridkv.allocator import HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
+from hybridkv.errors import ensure
 from hybridkv.scheduler.admission import Admission
 from hybridkv.scheduler.caching import Caching
 from hybridkv.scheduler.config import CacheConfig
@@ -31,8 +32,13 @@ from hybridkv.scheduler.tp import TPSync
 from hybridkv.tree import HostTier, RadixTree
 from hybridkv.tree.storage import FileStorage
 
+# NOTE: the hit counters and prefill_computed_tokens partition the prompt tokens of every
+# admission (a retracted request's prompt counts again): each token is a device, host or
+# storage hit (by where its full KV came from) or computed. SWA KV and state snapshots
+# loaded back onto a prefix are counted on their own (loaded_swa_tokens, loaded_states).
 COUNTERS = (
     "computed_tokens",
+    "prefill_computed_tokens",
     "device_hit_tokens",
     "host_hit_tokens",
     "storage_hit_tokens",
@@ -40,6 +46,8 @@ COUNTERS = (
     "evicted_swa_tokens",
     "backed_up_tokens",
     "loaded_tokens",
+    "loaded_swa_tokens",
+    "loaded_states",
     "retracted_requests",
 )
 
@@ -140,6 +148,11 @@ class MemoryManager:
         return self.table.req_to_token
 
     @property
+    def _token_bound(self) -> int:
+        """Token ids must lie below this: the vocabulary, else what int64 holds."""
+        return self.config.vocab_size or MAX_TOKEN_ID
+
+    @property
     def new_token_ratio(self) -> float:
         return self.admission.new_token_ratio
 
@@ -189,8 +202,9 @@ class MemoryManager:
         ids = request.input_ids
         if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty sequence of token ids")
-        if not all(type(t) is int and 0 <= t < MAX_TOKEN_ID for t in ids):
-            raise ValueError(f"input_ids must hold ints in [0, {MAX_TOKEN_ID})")
+        bound = self._token_bound
+        if not all(type(t) is int and 0 <= t < bound for t in ids):
+            raise ValueError(f"input_ids must hold ints in [0, {bound}){_bound_name(bound)}")
         n = request.max_new_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
@@ -269,7 +283,7 @@ class MemoryManager:
         """
         if plan is None or plan is not self._pending:
             raise ValueError("plan is not the pending plan of this manager")
-        ids = _token_ids(next_token_ids, len(plan))
+        ids = _token_ids(next_token_ids, len(plan), self._token_bound)
         batch, q = plan.batch, self.queues
         with self.allocator.free_group():
             if batch.is_decode:
@@ -296,6 +310,7 @@ class MemoryManager:
             req = t.owner[row]
             t.kv_len[row] += n
             self.counters["computed_tokens"] += n
+            self.counters["prefill_computed_tokens"] += n
             self.caching.cache_prefix(req)
             if not produced:
                 continue
@@ -321,11 +336,16 @@ class MemoryManager:
             "running": len(q.running) + (q.chunked is not None),
             "waiting": len(q.waiting),
         }
-        return gauges | self.counters | {"backed_up_tokens": tree.backed_up_tokens}
+        transfers = {
+            "backed_up_tokens": tree.backed_up_tokens,
+            "loaded_swa_tokens": tree.loaded_swa_tokens,
+        }
+        return gauges | self.counters | transfers
 
     def check(self) -> None:
-        """Assert every invariant: each page of each pool is in exactly one of the free list,
-        the tree and a running request; lock counts match the running requests' locks."""
+        """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page
+        of each pool is in exactly one of the free list, the tree and a running request; lock
+        counts match the running requests' locks."""
         self.tree.check()
         self.allocator.check()
         alloc, ps, t, q = self.allocator, self.config.page_size, self.table, self.queues
@@ -334,32 +354,47 @@ class MemoryManager:
         own_full, own_swa = [], []
         for r in active:
             row = r.row
-            assert t.owner[row] is r, "a row's owner drifted"
-            assert t.kv_len[row] <= t.alloc_len[row] <= t.fill_len[row] <= t.max_context
+            ensure(t.owner[row] is r, "a row's owner drifted")
+            ensure(
+                t.kv_len[row] <= t.alloc_len[row] <= t.fill_len[row] <= t.max_context,
+                "a row's lengths are out of order",
+            )
             own_full.append(t.slots(row, int(t.cached_len[row]), int(t.alloc_len[row])))
             swa_from = max(int(t.cached_len[row]), int(t.released[row]))
             own_swa.append(t.slots(row, swa_from, int(t.alloc_len[row])))
-        _assert_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
+        _check_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
         if alloc.has_swa:
             swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
-            _assert_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
+            _check_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
         locks: dict[int, int] = {}
         for req in active:
             lock = req.lock
-            assert lock is not None and lock.node.end == t.cached_len[req.row]
-            assert (t.pin_start[req.row], t.pin_end[req.row]) == (lock.swa_start, lock.node.end)
+            ensure(
+                lock is not None and lock.node.end == t.cached_len[req.row],
+                "a request's lock does not end at its cached prefix",
+            )
+            ensure(
+                (t.pin_start[req.row], t.pin_end[req.row]) == (lock.swa_start, lock.node.end),
+                "a row's SWA pin drifted from its lock",
+            )
             for node in lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
-                assert node.start < lock.swa_start or node.swa, "a locked window lost SWA"
+                ensure(node.start < lock.swa_start or node.swa, "a locked window lost SWA")
         for node in self.tree._nodes():
-            assert node.full_lock == locks.get(id(node), 0), "full lock count drifted"
-            assert node.host_lock == 0, "a host copy pinned between steps"
-            assert node.state_lock == 0, "a snapshot pinned between steps"
+            ensure(node.full_lock == locks.get(id(node), 0), "full lock count drifted")
+            ensure(node.host_lock == 0, "a host copy pinned between steps")
+            ensure(node.state_lock == 0, "a snapshot pinned between steps")
         for req in q.waiting:
-            assert req.row < 0 and req.lock is None
-        assert t.free_rows + len(active) == self.config.max_running_requests
+            ensure(req.row < 0 and req.lock is None, "a waiting request holds a row or a lock")
+        ensure(
+            t.free_rows + len(active) == self.config.max_running_requests,
+            "request rows are lost or held twice",
+        )
         rows, rids = q.running_batch()
-        assert rids == list(q.running) and rows.tolist() == [r.row for r in q.running.values()]
+        ensure(
+            rids == list(q.running) and rows.tolist() == [r.row for r in q.running.values()],
+            "the running batch drifted from the running requests",
+        )
         if self.states is not None:
             held = self.tree._check_states()
             held += self.caching.in_flight_states
@@ -368,8 +403,8 @@ class MemoryManager:
                 if req.snapshot is not None:
                     held.append(req.snapshot[1])
             pages = [torch.tensor(held, dtype=torch.int64, device=self.device)]
-            _assert_partition("state", pages, self.states.allocator)
-            assert len(held) == len(set(held)), "a state slot held twice"
+            _check_partition("state", pages, self.states.allocator)
+            ensure(len(held) == len(set(held)), "a state slot held twice")
 
     def flush(self) -> None:
         """Wait for every pending host<->device transfer."""
@@ -385,29 +420,39 @@ class MemoryManager:
         self.caching.in_flight_states = []
 
 
-def _token_ids(next_token_ids: object, n: int) -> np.ndarray:
-    """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, 2**63)``."""
+def _token_ids(next_token_ids: object, n: int, bound: int) -> np.ndarray:
+    """``next_token_ids`` as an int64 host array, checked: ``n`` ids in ``[0, bound)``."""
+    bad = f"next_token_ids must hold ints in [0, {bound}){_bound_name(bound)}"
     if isinstance(next_token_ids, torch.Tensor):
         next_token_ids = next_token_ids.tolist()
     try:
         ids = np.asarray(next_token_ids)
     except (OverflowError, ValueError):
-        raise ValueError("next_token_ids must hold non-negative ints below 2**63") from None
+        raise ValueError(bad) from None
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"next_token_ids has {len(ids)} ids, plan has {n} requests")
     if n and (ids.dtype.kind not in "iu" or ids.dtype == np.uint64 or bool((ids < 0).any())):
-        raise ValueError("next_token_ids must hold non-negative ints below 2**63")
+        raise ValueError(bad)
+    # NOTE: int64 ids are below MAX_TOKEN_ID already (comparing with 2**63 is not exact in
+    # numpy 1.x, which compares int64 with it as float64).
+    if n and bound < MAX_TOKEN_ID and bool((ids >= bound).any()):
+        raise ValueError(bad)
     return ids.astype(np.int64, copy=False)
 
 
-def _assert_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
-    """Assert every page but page 0 is held by exactly one owner or free, page 0 by none."""
+def _bound_name(bound: int) -> str:
+    return "" if bound == MAX_TOKEN_ID else " (vocab_size)"
+
+
+def _check_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
+    """Raise :class:`~hybridkv.errors.CheckError` unless every page but page 0 is held by
+    exactly one owner or free, and page 0 by none."""
     free = allocator.free_pages_view()
     count = torch.zeros(allocator.num_pages, dtype=torch.int64, device=free.device)
     for pages in owners:
         pages = torch.unique(pages)
         count.index_add_(0, pages, torch.ones_like(pages))
     count.index_add_(0, free, torch.ones_like(free))
-    assert int(count[0]) == 0, f"{pool}: page 0 is in use"
+    ensure(int(count[0]) == 0, f"{pool}: page 0 is in use")
     bad = (count[1:] != 1).nonzero().flatten() + 1
-    assert bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice"
+    ensure(bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice")

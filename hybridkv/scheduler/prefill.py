@@ -196,9 +196,7 @@ class Prefill:
         another (its trees drifted) re-matches to the common length.
         """
         limit = len(req.fill_ids) - 1
-        self.counters["storage_hit_tokens"] += self.tree.prefetch(
-            req.fill_ids, limit, self.tp.reduce_min
-        )
+        req.prefetched += self.tree.prefetch(req.fill_ids, limit, self.tp.reduce_min)
         match = self.tree.match_prefix(req.fill_ids, limit)
         local = [match.length, match.host_hit_length, match.swa_host_hit_length]
         common = self.tp.reduce_min(local)
@@ -224,8 +222,13 @@ class Prefill:
                 t.set_lock(req, lock)
             self.tree.pin_host(match.last_host_node, a.load_start, -1)
             t.cached_len[req.row] = t.released[req.row] = a.start
+            # NOTE: the tiers partition the prompt: what its prefetches read from storage is
+            # a storage hit, not a host hit too (it reaches the device through the host).
+            from_storage = min(req.prefetched, a.load.full)
+            req.prefetched = 0
             self.counters["device_hit_tokens"] += match.length
-            self.counters["host_hit_tokens"] += a.load.full
+            self.counters["host_hit_tokens"] += a.load.full - from_storage
+            self.counters["storage_hit_tokens"] += from_storage
             prefixes.append(self.tree.prefix_slots(req.lock.node))
         return prefixes
 
@@ -239,12 +242,12 @@ class Prefill:
             self.table.set_state_slot(a.req, slot)
             end = a.match.last_host_node
             if end is not self.tree.root:
+                self.counters["loaded_states"] += int(end.state is None)
                 assert self.tree.load_state(end), "admitted state load back does not fit"
                 src.append(end.state)
                 dst.append(slot)
             else:
                 fresh.append(slot)
-            end.state_lock -= 1
         device = self.states.buf.device
         if self.tree.host is not None:
             # NOTE: snapshots just loaded back, and freed slots just backed up, are read and
@@ -254,3 +257,7 @@ class Prefill:
             self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))
         if fresh:
             self.states.zero(torch.tensor(fresh, device=device))
+        # NOTE: only now, the copy issued: until then a later load back in this batch could
+        # evict an unpinned seed snapshot and overwrite its slot before the copy read it.
+        for a in new:
+            a.match.last_host_node.state_lock -= 1

@@ -29,6 +29,7 @@ class ReqState:
     lock: LockHandle | None = None  # the tree path it pins (its cached prefix)
     state_slot: int = -1  # working recurrent state (running requests of a mamba model)
     snapshot: tuple[int, int] | None = None  # (position, slot): its state at a page boundary
+    prefetched: int = 0  # tokens its prefetches read from storage, not yet counted as hits
 
     @property
     def remaining_new_tokens(self) -> int:

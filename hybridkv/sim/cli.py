@@ -215,6 +215,7 @@ def make_model(args: argparse.Namespace, **changes: object) -> tuple[CacheConfig
         max_running_requests=args.max_running,
         host_tokens=0,  # NOTE: the tiers go on last, so their errors name the tier flags
         storage=None,
+        vocab_size=None,  # NOTE: workload ids are synthetic (and salted), not the model's
     )
     if memory is None:
         overrides |= {k: v for k, v in SMALL_POOLS.items() if k != "host_tokens"}

@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hybridkv.scheduler import CacheConfig
+from hybridkv.scheduler.hf_config import cache_bytes
 from hybridkv.sim.run import SimResult, bytes_per_token
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = " .:-=+*#"
 TIERS = ("device", "host", "storage")
+TRANSFERS = ("backed_up_tokens", "loaded_tokens", "loaded_swa_tokens", "loaded_states")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -51,7 +53,6 @@ def summary(res: SimResult) -> dict[str, object]:
     prefill = res.prefill_tokens
     full = [x.full_used for x in res.samples] or [0.0]
     swa = [x.swa_used for x in res.samples] or [0.0]
-    moved = s.get("backed_up_tokens", 0) + s.get("loaded_tokens", 0)
     out: dict[str, object] = {
         "workload": res.workload,
         "requests": res.requests,
@@ -64,10 +65,13 @@ def summary(res: SimResult) -> dict[str, object]:
         "output_tokens": res.output_tokens,
         "served_tokens": res.prompt_tokens + res.output_tokens,
         "computed_tokens": s.get("computed_tokens", 0),
+        "prefill_computed_tokens": s.get("prefill_computed_tokens", 0),
     }
     for tier in TIERS:
         out[f"{tier}_hit_rate"] = s.get(f"{tier}_hit_tokens", 0) / prefill if prefill else 0.0
     out["hit_rate"] = sum(out[f"{t}_hit_rate"] for t in TIERS)  # type: ignore[misc]
+    for key in TRANSFERS:
+        out[key] = s.get(key, 0)
     out |= {
         "overhead_median_us": statistics.median(res.overhead_us) if res.overhead_us else 0.0,
         "overhead_p99_us": percentile(res.overhead_us, 99),
@@ -80,12 +84,25 @@ def summary(res: SimResult) -> dict[str, object]:
         "evicted_full_tokens": s.get("evicted_full_tokens", 0),
         "evicted_swa_tokens": s.get("evicted_swa_tokens", 0),
         "retractions": s.get("retracted_requests", 0),
-        "bytes_moved": moved * bytes_per_token(res.shape),
+        "bytes_moved": bytes_moved(s, res.shape),
         "ooms": res.count("oom"),
         "errors": len(res.errors),
         "truncated": res.truncated,
     }
     return out
+
+
+def bytes_moved(stats: dict[str, int], cfg: CacheConfig) -> int:
+    """Bytes copied between device and host: backups (at every attention layer's bytes per
+    token, an upper bound: a backup copies SWA KV only where it has it), and load backs of
+    full KV, SWA KV and state snapshots, each at its own size."""
+    per = cache_bytes(cfg)
+    return (
+        stats.get("backed_up_tokens", 0) * bytes_per_token(cfg)
+        + stats.get("loaded_tokens", 0) * per["full"]
+        + stats.get("loaded_swa_tokens", 0) * per["swa"]
+        + stats.get("loaded_states", 0) * per["state"]
+    )
 
 
 def config_dict(cfg: CacheConfig) -> dict[str, object]:
@@ -145,7 +162,7 @@ def _line(key: str, value: str) -> str:
 
 def format_report(res: SimResult, ascii_only: bool = False) -> str:
     """The full text report of one run."""
-    m, s, cfg, samples = summary(res), res.stats, res.shape, res.samples
+    m, cfg, samples = summary(res), res.shape, res.samples
     served, computed = m["served_tokens"], m["computed_tokens"]
     peak = max((x.running for x in samples), default=0)
 
@@ -153,7 +170,8 @@ def format_report(res: SimResult, ascii_only: bool = False) -> str:
         return "|" + sparkline(values, hi=hi, ascii_only=ascii_only) + "|"
 
     hits = "  ".join(f"{t} {_pct(m[f'{t}_hit_rate'])}" for t in TIERS)
-    moved = s.get("backed_up_tokens", 0) + s.get("loaded_tokens", 0)
+    prefill = m["prefill_tokens"]
+    hits += f"  computed {_pct(m['prefill_computed_tokens'] / prefill if prefill else 0)}"
     stopped = " -- stopped by --max-steps" if res.truncated else ""
     verified = "on" if res.verify else "OFF"
     lines = [
@@ -192,7 +210,9 @@ def format_report(res: SimResult, ascii_only: bool = False) -> str:
         _line("retractions", f"{m['retractions']:,}"),
         _line(
             "host<->device",
-            f"{_size(m['bytes_moved'])} ({moved:,} tokens x {bytes_per_token(cfg):,} B)",
+            f"{_size(m['bytes_moved'])}: backed up {m['backed_up_tokens']:,} tokens; loaded "
+            f"back {m['loaded_tokens']:,} full + {m['loaded_swa_tokens']:,} SWA tokens, "
+            f"{m['loaded_states']:,} states",
         ),
         _line("OOMs", str(m["ooms"])),
     ]

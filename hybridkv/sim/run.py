@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from hybridkv.errors import CheckError
 from hybridkv.scheduler import CacheConfig, MemoryManager, Request
 from hybridkv.sim import engine
 from hybridkv.sim.engine import FakeEngine
@@ -271,7 +272,7 @@ def _fail(res: SimResult, kind: str, e: BaseException | None, message: str = "")
 def _check(mm: MemoryManager, res: SimResult) -> bool:
     try:
         mm.check()
-    except AssertionError as e:
+    except (CheckError, AssertionError) as e:
         _fail(res, "invariant", e)
         return False
     return True

@@ -355,6 +355,7 @@ class HostMixin:
             self.cached_swa += len(n)
             self.evictable_swa += len(n) if n.swa_lock == 0 else 0
             self._queue_swa(n)
+        self.loaded_swa_tokens += n_swa * ps
         return n_full * ps
 
     def _load_by_layer(

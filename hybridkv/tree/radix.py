@@ -122,6 +122,7 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         self.host_cached_full = 0  # tokens with host full KV
         self.host_cached_swa = 0  # tokens with host SWA KV
         self.backed_up_tokens = 0  # counter: tokens copied to host
+        self.loaded_swa_tokens = 0  # counter: SWA KV tokens loaded back from host
         self.cached_states = 0  # device state snapshots
         self._clock = 0
         # Eviction candidates by kind, LRU first (hybridkv.tree.lru): no eviction scans.
