@@ -100,6 +100,10 @@ class Prefill:
         match = self._match(req)
         lock = self.tree.inc_lock(match.last_node, adm.window_start(match.last_host_node.end))
         load_start = match.load_start
+        if match.state_from_host:
+            # NOTE: pin the host snapshot to load back too: a backup made by this step's
+            # eviction (write-back) could otherwise drop it to make host room.
+            load_start = min(load_start, match.last_host_node.start)
         self.tree.pin_host(match.last_host_node, load_start, +1)
         load = Cost(match.host_hit_length, match.swa_host_hit_length, int(match.state_from_host))
         prefix_len = match.length + match.host_hit_length
