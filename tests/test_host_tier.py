@@ -495,7 +495,9 @@ def test_kv_integrity_with_storage(tmp_path: Path) -> None:
     second = Driver(cfg)
     second.run(mixed_workload(2, base=100))
     st = second.mm.stats()
-    assert st["storage_hit_tokens"] > 0 and st["loaded_tokens"] >= st["storage_hit_tokens"]
+    # NOTE: not every prefetched page is loaded back: a request that does not fit yet leaves
+    # its prefetch unpinned on host, where it may be evicted before the request is admitted.
+    assert st["storage_hit_tokens"] > 0 and st["loaded_tokens"] > 0
     second.mm.close()
 
 
@@ -567,7 +569,8 @@ def test_admission_charges_swa_load_back() -> None:
     # A device hit by its full KV; the window's SWA load back is counted on its own.
     assert (st["device_hit_tokens"], st["host_hit_tokens"], st["loaded_tokens"]) == (40, 0, 0)
     assert st["loaded_swa_tokens"] == 16
-    assert cost(d.mm.config, 4, load=Cost(0, 16)).swa == cost(d.mm.config, 4).swa + 16
+    # The loaded window is part of the window the chunk slides over: charged as if computed.
+    assert cost(d.mm.config, 4, load=Cost(0, 16)).swa == cost(d.mm.config, 16 + 4).swa
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_back", "write_through_selective"])

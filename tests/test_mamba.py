@@ -434,9 +434,8 @@ def test_adder_stops_at_the_last_boundary_and_checks_state_room() -> None:
     big = 10**6
 
     def admit(state_room: int, start: int, remaining: int, **kw: object) -> int:
-        return PrefillAdder(cfg, Cost()).admit(
-            Cost(big, big, state_room), start, remaining, 0, **kw
-        )
+        got = PrefillAdder(cfg, Cost()).admit(Cost(big, big, state_room), start, remaining, 0, **kw)
+        return 0 if got is None else got.chunk
 
     assert admit(2, 0, 11, new=True) == 8
     assert admit(1, 0, 11, new=True) == 0
@@ -446,9 +445,9 @@ def test_adder_stops_at_the_last_boundary_and_checks_state_room() -> None:
     assert admit(3, 0, 11, new=True, load=Cost(state=1)) == 8
     assert admit(2, 0, 11, new=True, load=Cost(state=1)) == 0
     ps16 = mamba_config(page_size=16, chunked_prefill_size=64)
-    assert PrefillAdder(ps16, Cost()).admit(Cost(big, big, 2), 0, 35, 0, new=True) == 32
+    assert PrefillAdder(ps16, Cost()).admit(Cost(big, big, 2), 0, 35, 0, new=True).chunk == 32
     no_mamba = small_config(page_size=4, chunked_prefill_size=64)
-    assert PrefillAdder(no_mamba, Cost()).admit(Cost(big, big, 0), 0, 11, 0, new=True) == 11
+    assert PrefillAdder(no_mamba, Cost()).admit(Cost(big, big, 0), 0, 11, 0, new=True).chunk == 11
 
 
 class _AuditDriver(MambaDriver):

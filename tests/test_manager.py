@@ -109,7 +109,7 @@ TIGHT = {
     "ps1": (16, (8, 24), 6, 2, 1),
     "ps4": (16, (16, 40), 6, 2, 1),
     "ps8-window<page": (16, (24, 64), 6, 2, 2),
-    "ps4-noswa": (16, (8, 24), 6, 2, 2),
+    "ps4-noswa": (16, (8, 24), 6, 2, 3),
     "ps2-allswa": (16, (8, 24), 6, 2, 1),
 }
 
@@ -666,10 +666,10 @@ def test_any_accepted_request_completes_alone(setup: tuple[CacheConfig, list[Arr
 
 
 def test_lone_request_at_the_full_pool_limit_completes() -> None:
-    """prompt 5 + max_new 3 at page 4 costs exactly the 12-token full pool; it must finish."""
+    """prompt 9 + max_new 3 at page 4 costs exactly the 12-token full pool; it must finish."""
     cfg = small_config(page_size=4, swa_layer_ids=(), full_tokens=12)
-    assert cost(cfg, 5 + 3).full == cfg.full_tokens
-    Driver(MemoryManager(cfg)).run([Arrival(0, Request("a", [0, 1, 2, 3, 4], 3))], max_steps=50)
+    assert cost(cfg, 9 + 3).full == cfg.full_tokens
+    Driver(MemoryManager(cfg)).run([Arrival(0, Request("a", list(range(9)), 3))], max_steps=50)
 
 
 def test_lone_chunked_request_in_the_smallest_swa_pool_completes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import NO_LOAD, Cost, cost, largest_chunk
+from hybridkv.scheduler.records import Reservation
 
 
 class PrefillAdder:
@@ -28,16 +29,18 @@ class PrefillAdder:
         swa_held: int = 0,
         load: Cost = NO_LOAD,
         new: bool = False,
-    ) -> int:
-        """Tokens of a request's next chunk to compute now (0: defer it and stop adding).
+    ) -> Reservation | None:
+        """What a request's next chunk may take now (``None``: defer it and stop adding).
 
         ``rooms``: each pool's available + evictable now (after locking the request's prefix);
         ``start``: the chunk's first position; ``remaining``: tokens it still has to compute;
-        ``reserve``: full tokens held back for its decode; ``swa_held``: SWA tokens it holds
-        already; ``load``: what loading its prefix back from host takes (admitted with the
-        first chunk or not at all); ``new``: its first chunk. The chunk is the whole remainder
-        when that fits, else the largest page multiple that does. With recurrent layers a
-        chunk also stops at the prompt's last page boundary, where the tree keeps its state.
+        ``reserve``: full tokens held back for its decode; ``swa_held``: SWA KV it holds
+        already (present, see :meth:`Admission.swa_held`); ``load``: what loading its prefix
+        back from host takes (admitted with the first chunk or not at all); ``new``: its first
+        chunk. The chunk is the whole remainder when that fits, else the largest page multiple
+        that does. With recurrent layers a chunk also stops at the prompt's last page
+        boundary, where the tree keeps its state. The reservation holds the chunk and its
+        :func:`cost`: what the step's allocation and load back draw from.
         """
         cfg, ps = self.config, self.config.page_size
         chunk = min(remaining, cfg.chunked_prefill_size, self.input_left)
@@ -52,11 +55,11 @@ class PrefillAdder:
         if chunk and (need.full > full_left or need.swa > swa_left):
             # NOTE: a chunk is shrunk, never given an unchecked budget: defer rather than
             # take the last page (the bug of chunked prefill that admits what cannot fit).
-            room = largest_chunk(cfg, full_left - load.full, swa_left - load.swa, swa_held)
+            room = largest_chunk(cfg, full_left, swa_left, swa_held, load)
             chunk = min(chunk - chunk % ps, room)
             need = cost(cfg, chunk, swa_held, load, chunk_end=start + chunk, new=new)
         if chunk <= 0 or need.state > rooms.state - self.used.state:
-            return 0
+            return None
         self.used = self.used + need + Cost(full=reserve)
         self.input_left -= chunk
-        return chunk
+        return Reservation(chunk, need - load, load)

@@ -1,10 +1,12 @@
 """The one cost function: what admitting a chunk takes from each pool.
 
-Admission budgets with it, and allocation asserts it never takes more than it::
+Admission budgets with it, allocation draws from what it granted (a reservation), and
+a chunk of positions ``[start, end)`` (prefix loaded back from host, ``load``) is charged::
 
-    full:  |<-- chunk, rounded up to pages -->|+1 page|   (the page alloc_extend may fill)
-    swa:   |<-- max(chunk, window), in pages -->|+1 page|   (what the request holds while it
-                                                            slides: the window and a page)
+    full:  |<-- the pages of [start, end) the request does not have -->| + load.full
+    swa:   |<-- max(held + load.swa + chunk, window), in pages -->|+1 page| - held
+           (the window it slides over, loaded back or computed, and the page a decode
+           step slides into; less what it holds already)
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Cost:
     def __add__(self, other: Cost) -> Cost:
         return Cost(self.full + other.full, self.swa + other.swa, self.state + other.state)
 
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.full - other.full, self.swa - other.swa, self.state - other.state)
+
 
 NO_LOAD = Cost()
 
@@ -48,33 +53,45 @@ def cost(
 ) -> Cost:
     """What computing ``chunk_len`` new tokens of a request takes from each pool.
 
-    ``swa_held``: SWA tokens the request holds already (after its release; 0 when new).
-    Its SWA footprint grows to ``max(held + chunk, window)`` plus a page, of which it holds
-    ``held`` (in whole pages) already. ``load``: the full, SWA and state of its matched prefix
-    to load back from host (SGLang PR 27391 forgot the SWA part and ran out after admitting).
-    With recurrent layers: a working state slot for a ``new`` request, and a snapshot slot
-    when the chunk ends on a page boundary (``chunk_end``), where the tree keeps its state.
+    Full: the pages of the chunk's positions ``[chunk_end - chunk_len, chunk_end)`` that the
+    request does not have yet (a partial last page it owns is filled first; without
+    ``chunk_end``, a chunk from position 0: the most any start takes), and the full KV of its
+    matched prefix to load back from host (``load.full``).
+
+    SWA: ``swa_held`` is what the request holds already (present SWA KV of its prefix's
+    window that it pins, and its own not yet released; 0 when new). Its footprint grows to
+    ``max(held + load.swa + chunk, window)`` and a page: the window's SWA loaded back from
+    host counts as part of that window (charging it on top of a computed window charged it
+    twice, and a window from host never fitted the smallest SWA pool). SGLang PR 27391
+    forgot the SWA load back altogether and ran out after admitting.
+
+    State (with recurrent layers): a working slot for a ``new`` request, a snapshot slot when
+    the chunk ends on a page boundary (``chunk_end``), where the tree keeps its state, and
+    ``load.state`` for a snapshot loaded back from host.
     """
     ps = config.page_size
-    full = (_pages(chunk_len, ps) + 1) * ps + load.full
+    end = chunk_len if chunk_end is None else chunk_end
+    full = (_pages(end, ps) - _pages(end - chunk_len, ps)) * ps + load.full
     state = 0
     if config.mamba_layer_ids:
         state = int(new) + int(chunk_end is not None and chunk_end % ps == 0) + load.state
     if config.window is None:
         return Cost(full, 0, state)
-    footprint = _pages(max(swa_held + chunk_len, config.window), ps) + 1
-    return Cost(full, (footprint - _pages(swa_held, ps)) * ps + load.swa, state)
+    footprint = _pages(max(swa_held + load.swa + chunk_len, config.window), ps) + 1
+    return Cost(full, (footprint - _pages(swa_held, ps)) * ps, state)
 
 
-def largest_chunk(config: CacheConfig, full_room: int, swa_room: int, swa_held: int = 0) -> int:
+def largest_chunk(
+    config: CacheConfig, full_room: int, swa_room: int, swa_held: int = 0, load: Cost = NO_LOAD
+) -> int:
     """The largest page-multiple chunk whose :func:`cost` fits the rooms (0 if none)."""
     ps = config.page_size
-    chunk = (full_room // ps - 1) * ps
+    chunk = (full_room - load.full) // ps * ps
     if config.window is not None:
         footprint_pages = swa_room // ps + _pages(swa_held, ps) - 1
         if footprint_pages < _pages(config.window, ps):
             return 0
-        chunk = min(chunk, footprint_pages * ps - swa_held)
+        chunk = min(chunk, footprint_pages * ps - swa_held - load.swa)
     return max(chunk - chunk % ps, 0)
 
 

@@ -7,14 +7,15 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator import StatePool, SWAAllocator
+from hybridkv.errors import ensure
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.admission import Admission
 from hybridkv.scheduler.config import CacheConfig
-from hybridkv.scheduler.cost import NO_LOAD, Cost, cost
+from hybridkv.scheduler.cost import NO_LOAD, Cost
 from hybridkv.scheduler.pages import PlanBuilder
 from hybridkv.scheduler.plan import StepBatch, StepPlan
 from hybridkv.scheduler.queues import Queues
-from hybridkv.scheduler.records import Admitted, ReqState
+from hybridkv.scheduler.records import Admitted, ReqState, prefix_load
 from hybridkv.scheduler.swa_slide import SWASlide
 from hybridkv.scheduler.table import RequestTable
 from hybridkv.scheduler.tp import TPSync
@@ -63,12 +64,12 @@ class Prefill:
             self.slide.release(np.array([row], dtype=np.int64))
             held = adm.swa_held(chunked)
             start, fill_len = int(t.kv_len[row]), int(t.fill_len[row])
-            chunk = adder.admit(
+            granted = adder.admit(
                 adm.rooms(), start, fill_len - start, adm.decode_reserve(chunked, False), held
             )
-            if chunk == 0:
+            if granted is None:
                 return None
-            admitted.append(Admitted(chunked, start, chunk, fill_len, held))
+            admitted.append(Admitted(chunked, start, fill_len, granted))
         for req in q.waiting:
             if len(admitted) - (chunked is not None) == t.free_rows:
                 break
@@ -94,60 +95,63 @@ class Prefill:
         return plan
 
     def _admit_new(self, req: ReqState, adder: PrefillAdder, others: bool) -> Admitted | None:
-        """Match a waiting request, lock its prefix and offer its first chunk to ``adder``;
-        ``None`` (everything undone) when it does not fit."""
+        """Match a waiting request, pin what its admission counts on and offer its first chunk
+        to ``adder``; ``None`` (everything undone) when it does not fit.
+
+        Pinned until the step uses them: the device prefix and its window's SWA (the lock),
+        the host copies to load back and, with recurrent layers, the snapshot that seeds the
+        working state (on device, and its host copy when it comes back from there: a backup
+        during this step's eviction could otherwise drop it to make host room).
+        """
         adm = self.admission
         match = self._match(req)
         lock = self.tree.inc_lock(match.last_node, adm.window_start(match.last_host_node.end))
+        seed = match.last_host_node if self.states is not None else None
         load_start = match.load_start
+        if match.state_from_host:
+            load_start = min(load_start, seed.start)
         self.tree.pin_host(match.last_host_node, load_start, +1)
-        load = Cost(match.host_hit_length, match.swa_host_hit_length, int(match.state_from_host))
+        load = prefix_load(match)
         prefix_len = match.length + match.host_hit_length
         req.lock = lock
-        held = adm.swa_held(req)
-        seed = match.last_host_node if self.states is not None else None
         if seed is not None:
             seed.state_lock += 1  # its snapshot seeds the working state
         fill_len = len(req.fill_ids)
-        chunk = adder.admit(
+        granted = adder.admit(
             adm.rooms(),
             prefix_len,
             fill_len - prefix_len,
             adm.decode_reserve(req, others),
-            held,
+            adm.swa_held(req, match),
             load,
             new=True,
         )
-        if chunk == 0:
+        if granted is None:
             if seed is not None:
                 seed.state_lock -= 1
             self.tree.pin_host(match.last_host_node, load_start, -1)
             self.tree.dec_lock(lock)
             req.lock = None
             return None
-        return Admitted(req, prefix_len, chunk, fill_len, held, match, load, load_start)
+        return Admitted(req, prefix_len, fill_len, granted, match, load, load_start)
 
     def _extend(self, admitted: list[Admitted]) -> StepPlan:
         """Evict what the batch lacks, load back matched host KV, allocate the new tokens in one
-        call per pool, and fill req_to_token."""
+        call per pool, and fill req_to_token. Each of those draws what it takes from its
+        request's reservation (admission's figures, not a recomputation)."""
         cfg, ps, t = self.config, self.config.page_size, self.table
         starts = np.array([a.start for a in admitted], dtype=np.int64)
         chunks = np.array([a.chunk for a in admitted], dtype=np.int64)
         seq_lens = starts + chunks
         pages = (seq_lens + ps - 1) // ps - (starts + ps - 1) // ps
+        swa = cfg.window is not None
         for n, a in zip(pages.tolist(), admitted, strict=True):
-            # NOTE: allocation never takes more than admission charged (one cost function);
-            # both pools take n pages (SWA pages are paired with full pages).
-            end = a.start + a.chunk
-            charged = cost(cfg, a.chunk, a.swa_held, a.load, chunk_end=end, new=a.match is not None)
-            assert n * ps + a.load.full <= charged.full, "full allocation exceeds the cost"
-            assert cfg.window is None or n * ps + a.load.swa <= charged.swa, "SWA exceeds the cost"
-            takes = int(a.match is not None) + a.load.state + int(end % ps == 0)
-            assert self.states is None or takes <= charged.state, "state exceeds the cost"
+            # NOTE: both pools take n pages (SWA pages are paired with full pages); drawn
+            # before the pools are touched.
+            a.reservation.draw(Cost(n * ps, n * ps if swa else 0), f"alloc_extend of {a.req.rid!r}")
         load = sum((a.load for a in admitted), NO_LOAD)
         new_tokens = int(pages.sum()) * ps
-        swa_need = new_tokens + load.swa if cfg.window is not None else 0
-        self.admission.make_room(new_tokens + load.full, swa_need)
+        self.admission.make_room(new_tokens + load.full, new_tokens + load.swa if swa else 0)
         if self.states is not None:
             new = sum(1 for a in admitted if a.match is not None)
             self.tree.evict_states(new + load.state - self.states.available)
@@ -174,7 +178,7 @@ class Prefill:
         out = self.allocator.alloc_extend(
             starts, seq_lens, last_loc, (inputs.extend_starts, inputs.seq_lens)
         )
-        assert out is not None, "admitted batch does not fit after eviction"
+        ensure(out is not None, "admitted batch does not fit after eviction")
         kernels.write_req_to_token(
             t.req_to_token,
             inputs.rows,
@@ -208,9 +212,9 @@ class Prefill:
         """Load the new requests' host hits back (one call per pool), move each lock to the end
         of its whole prefix, and return each prefix's device slots."""
         t = self.table
-        ends = [a.match.last_host_node for a in new if a.load.full or a.load.swa]
-        if ends:
-            self.counters["loaded_tokens"] += self.tree.load_back(ends)
+        loading = [a for a in new if a.load.full or a.load.swa]
+        if loading:
+            self._load_back(loading)
         if self.states is not None:
             self._seed_states(new)
         prefixes = []
@@ -232,18 +236,39 @@ class Prefill:
             prefixes.append(self.tree.prefix_slots(req.lock.node))
         return prefixes
 
+    def _load_back(self, loading: list[Admitted]) -> None:
+        """Load the host hits of ``loading`` back in one call per pool, and draw what it took
+        from their load reservations, in batch order (a node that two prefixes share is
+        loaded once, for the first)."""
+        alloc = self.allocator
+        before = Cost(alloc.full_available, alloc.swa_available)
+        ends = [a.match.last_host_node for a in loading]
+        self.counters["loaded_tokens"] += self.tree.load_back(ends)
+        left = before - Cost(alloc.full_available, alloc.swa_available)
+        for i, a in enumerate(loading):
+            last = i == len(loading) - 1
+            share = left if last else Cost(min(left.full, a.load.full), min(left.swa, a.load.swa))
+            a.reservation.draw_load(share, f"the load back of {a.req.rid!r}")
+            left = left - share
+
     def _seed_states(self, new: list[Admitted]) -> None:
         """Give each new request a working state slot: a copy of the snapshot its prefix ends
         at (loaded back from host first if need be; one copy for the batch), or zeros."""
+        for a in new:
+            a.reservation.draw(Cost(state=1), f"the working state of {a.req.rid!r}")
         slots = self.states.allocator.alloc_pages(len(new))
-        assert slots is not None, "admitted working states do not fit"
+        ensure(slots is not None, "admitted working states do not fit")
         src, dst, fresh = [], [], []
+        loaded: set[int] = set()
         for a, slot in zip(new, slots.tolist(), strict=True):
             self.table.set_state_slot(a.req, slot)
             end = a.match.last_host_node
+            if a.match.state_from_host and id(end) not in loaded:
+                loaded.add(id(end))
+                a.reservation.draw_load(Cost(state=1), f"the state load back of {a.req.rid!r}")
             if end is not self.tree.root:
                 self.counters["loaded_states"] += int(end.state is None)
-                assert self.tree.load_state(end), "admitted state load back does not fit"
+                ensure(self.tree.load_state(end), "admitted state load back does not fit")
                 src.append(end.state)
                 dst.append(slot)
             else:
