@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -30,3 +31,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (``pytestmark = usefixtures(...)``).
+
+    NOTE: the tensors are tiny, and on 2 CPU threads torch 2.13's
+    ``repeat_interleave(x, repeats)`` (the torch references use it) takes ~10 ms a call
+    against ~6 us on one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

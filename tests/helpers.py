@@ -12,11 +12,22 @@ from dataclasses import dataclass, field
 from typing import Any
 from unittest import mock
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 POISON = -7777
+
+
+def assert_refused_unchanged(mm: Any, call: Callable[[], object], match: str) -> None:
+    """``call()`` raises ValueError matching ``match``; the manager's stats and invariants
+    are as they were."""
+    before = mm.stats()
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert mm.stats() == before
+    mm.check()
 
 
 def poisoned(n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:

@@ -5,12 +5,10 @@ counted on staying pinned until the step uses it."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from workloads import Arrival, Driver, small_config
 
 from hybridkv import CacheConfig, MemoryManager, Request
@@ -20,14 +18,7 @@ from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.cost import NO_LOAD, Cost, cost
 from hybridkv.scheduler.records import Reservation
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """NOTE: tiny tensors; one torch thread is much faster for the torch references."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class HostDriver(Driver):

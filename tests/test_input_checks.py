@@ -4,33 +4,17 @@ model without SWA layers."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_refused_unchanged
 from workloads import Driver, chat_sessions, small_config
 
 from hybridkv import MemoryManager, Request
 from hybridkv.scheduler.hf_config import from_hf_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """NOTE: tiny tensors; one torch thread is much faster for the torch references."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _unchanged(mm: MemoryManager, call: object, match: str) -> None:
-    """``call()`` raises ValueError matching ``match``; stats and invariants are as they were."""
-    before = mm.stats()
-    with pytest.raises(ValueError, match=match):
-        call()  # type: ignore[operator]
-    assert mm.stats() == before
-    mm.check()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ token ids
@@ -44,11 +28,13 @@ def test_token_ids_past_int64_are_refused_with_storage_on(tmp_path: Path) -> Non
     mm = d.mm
     d.add(Request("a", list(range(9)), 3))
     for ids in ([1, 2**63], [2**64], [2**63 - 1, -1]):
-        _unchanged(mm, lambda ids=ids: mm.add_request(Request("x", ids, 2)), "input_ids")
+        assert_refused_unchanged(
+            mm, lambda ids=ids: mm.add_request(Request("x", ids, 2)), "input_ids"
+        )
     plan = mm.schedule()
     assert plan is not None
     for ids in ([2**63], [2**64], torch.tensor([-1])):
-        _unchanged(mm, lambda ids=ids: mm.commit(plan, ids), "next_token_ids")
+        assert_refused_unchanged(mm, lambda ids=ids: mm.commit(plan, ids), "next_token_ids")
     d.step(plan)
     d.add(Request("b", [2**63 - 1] * 9, 2))  # the largest id works, storage keys included
     d.run()
@@ -60,11 +46,13 @@ def test_vocab_size_bounds_token_ids() -> None:
     naming the field; vocab_size - 1 is accepted."""
     d = Driver(MemoryManager(small_config(vocab_size=50)))
     mm = d.mm
-    _unchanged(mm, lambda: mm.add_request(Request("x", [1, 50], 2)), r"input_ids.*vocab_size")
+    assert_refused_unchanged(
+        mm, lambda: mm.add_request(Request("x", [1, 50], 2)), r"input_ids.*vocab_size"
+    )
     d.add(Request("a", [49] * 6, 3))
     plan = mm.schedule()
     assert plan is not None
-    _unchanged(mm, lambda: mm.commit(plan, [50]), r"next_token_ids.*vocab_size")
+    assert_refused_unchanged(mm, lambda: mm.commit(plan, [50]), r"next_token_ids.*vocab_size")
     d.step(plan)  # the engine's ids lie below 50
     d.run()
     assert d.finished == ["a"]

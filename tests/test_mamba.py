@@ -42,13 +42,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 POLICIES = ["write_through", "write_back", "write_through_selective"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """NOTE: tiny tensors; one torch thread is much faster for the torch references."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mamba_config(**overrides: object) -> CacheConfig:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import assert_refused_unchanged
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -46,14 +47,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """NOTE: on 2 CPU threads torch 2.13's ``repeat_interleave(x, repeats)`` (the torch
-    references use it) takes ~10 ms a call against ~6 us on one; the tensors here are tiny."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pages(n: int, ps: int) -> int:
@@ -233,15 +227,6 @@ def busy() -> Iterator[Driver]:
     yield driver
 
 
-def _unchanged(mm: MemoryManager, call: object, match: str) -> None:
-    """``call()`` raises ValueError matching ``match``; stats and invariants are as they were."""
-    before = mm.stats()
-    with pytest.raises(ValueError, match=match):
-        call()  # type: ignore[operator]
-    assert mm.stats() == before
-    mm.check()
-
-
 BAD_REQUESTS = {
     "empty prompt": (Request("x", [], 4), "input_ids"),
     "duplicate running rid": (Request("run", [1, 2], 4), "rid"),
@@ -263,7 +248,7 @@ BAD_REQUESTS = {
 def test_add_request_rejects_bad_input(busy: Driver, case: str) -> None:
     """Each malformed request raises ValueError naming the problem and changes nothing."""
     request, field = BAD_REQUESTS[case]
-    _unchanged(busy.mm, lambda: busy.mm.add_request(request), field)
+    assert_refused_unchanged(busy.mm, lambda: busy.mm.add_request(request), field)
     busy.run()  # the manager still works
 
 
@@ -272,7 +257,9 @@ def test_add_request_rejects_what_never_fits_the_pools() -> None:
     cfg = small_config(full_tokens=64, max_context_len=1024)
     mm = MemoryManager(cfg)
     fits = max(n for n in range(1, 200) if cost(cfg, n).full <= cfg.full_tokens)
-    _unchanged(mm, lambda: mm.add_request(Request("x", [1] * (fits - 3), 4)), "full_tokens")
+    assert_refused_unchanged(
+        mm, lambda: mm.add_request(Request("x", [1] * (fits - 3), 4)), "full_tokens"
+    )
     mm.add_request(Request("x", [1] * (fits - 3), 3))
     assert mm.stats()["waiting"] == 1
 
@@ -281,7 +268,9 @@ def test_add_request_accepts_exactly_max_context_len() -> None:
     """prompt + max_new_tokens == max_context_len is accepted and runs; one more is refused."""
     cfg = small_config(full_tokens=256, max_context_len=30)
     driver = Driver(MemoryManager(cfg))
-    _unchanged(driver.mm, lambda: driver.mm.add_request(Request("x", [5] * 21, 10)), "max_context")
+    assert_refused_unchanged(
+        driver.mm, lambda: driver.mm.add_request(Request("x", [5] * 21, 10)), "max_context"
+    )
     driver.run([Arrival(0, Request("x", [5] * 20, 10))])
 
 
@@ -289,8 +278,8 @@ def test_unknown_rid_is_rejected(busy: Driver) -> None:
     """abort / req_slots of a never-added or finished rid raise ValueError and change nothing."""
     mm = busy.mm
     for rid in ("nope", "done"):
-        _unchanged(mm, lambda rid=rid: mm.abort(rid), "rid")
-        _unchanged(mm, lambda rid=rid: mm.req_slots(rid), "rid")
+        assert_refused_unchanged(mm, lambda rid=rid: mm.abort(rid), "rid")
+        assert_refused_unchanged(mm, lambda rid=rid: mm.req_slots(rid), "rid")
 
 
 BAD_CONFIGS = [
@@ -357,7 +346,7 @@ def test_commit_with_wrong_number_of_ids(busy: Driver) -> None:
     n = len(plan.reqs)
     bad = ([1] * (n - 1), [1] * (n + 1), [], [-1] * n, [2**63] * n, [2**64] * n, [1.0] * n)
     for ids in (*bad, torch.ones(n + 1, dtype=torch.int64)):
-        _unchanged(mm, lambda ids=ids: mm.commit(plan, ids), "next_token_ids")
+        assert_refused_unchanged(mm, lambda ids=ids: mm.commit(plan, ids), "next_token_ids")
     busy.step(plan)
     busy.run()
 
@@ -369,13 +358,13 @@ def test_commit_of_a_stale_or_foreign_plan(busy: Driver) -> None:
     assert plan is not None
     ids = [1] * len(plan.reqs)
     busy.step(plan)
-    _unchanged(mm, lambda: mm.commit(plan, ids), "plan")
-    _unchanged(mm, lambda: mm.commit(None, []), "plan")  # type: ignore[arg-type]
+    assert_refused_unchanged(mm, lambda: mm.commit(plan, ids), "plan")
+    assert_refused_unchanged(mm, lambda: mm.commit(None, []), "plan")  # type: ignore[arg-type]
     other = _fresh(mm)
     other.add_request(Request("o", [1, 2, 3], 2))
     foreign = other.schedule()
     assert foreign is not None
-    _unchanged(mm, lambda: mm.commit(foreign, [1]), "plan")
+    assert_refused_unchanged(mm, lambda: mm.commit(foreign, [1]), "plan")
     busy.run()
 
 
@@ -384,7 +373,7 @@ def test_schedule_twice_without_commit(busy: Driver) -> None:
     mm = busy.mm
     plan = mm.schedule()
     assert plan is not None
-    _unchanged(mm, mm.schedule, "commit")
+    assert_refused_unchanged(mm, mm.schedule, "commit")
     busy.step(plan)
     busy.run()
 
