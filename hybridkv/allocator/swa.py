@@ -70,15 +70,17 @@ class SWAAllocator(FreeGroup):
         seq_lens: object,
         last_loc: torch.Tensor,
         device_lens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_new_pages: int | None = None,
     ) -> torch.Tensor | None:
         """Full slots (with SWA slots mapped) for ``[prefix_lens[i], seq_lens[i])``.
 
-        Same arguments as :meth:`PagedAllocator.alloc_extend`. The SWA KV of position
+        Same arguments as :meth:`PagedAllocator.alloc_extend` (``num_new_pages``: the pages
+        it takes from each pool, if the caller has counted them). The SWA KV of position
         ``prefix_len - 1`` must exist when ``prefix_len`` is not page-aligned (the new tokens
         continue its SWA page); debug mode checks it.
         """
         prefix, seq = host_ints(prefix_lens), host_ints(seq_lens)
-        need = self.full.pages_for_extend(prefix, seq)
+        need = self.full.pages_for_extend(prefix, seq) if num_new_pages is None else num_new_pages
         if not self._fits(need):
             return None
         if device_lens is None:

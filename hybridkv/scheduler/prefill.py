@@ -150,7 +150,8 @@ class Prefill:
             # before the pools are touched.
             a.reservation.draw(Cost(n * ps, n * ps if swa else 0), f"alloc_extend of {a.req.rid!r}")
         load = sum((a.load for a in admitted), NO_LOAD)
-        new_tokens = int(pages.sum()) * ps
+        new_pages = int(pages.sum())
+        new_tokens = new_pages * ps
         self.admission.make_room(new_tokens + load.full, new_tokens + load.swa if swa else 0)
         if self.states is not None:
             new = sum(1 for a in admitted if a.match is not None)
@@ -176,7 +177,7 @@ class Prefill:
         last_dev, write_lens_dev = inputs.extra
         last_loc = t.flat.index_select(0, last_dev).long()
         out = self.allocator.alloc_extend(
-            starts, seq_lens, last_loc, (inputs.extend_starts, inputs.seq_lens)
+            starts, seq_lens, last_loc, (inputs.extend_starts, inputs.seq_lens), new_pages
         )
         ensure(out is not None, "admitted batch does not fit after eviction")
         kernels.write_req_to_token(
