@@ -85,8 +85,7 @@ class SWAAllocator(FreeGroup):
             return None
         if device_lens is None:
             device_lens = tuple(upload_many(self.device, prefix, seq))
-        continues = (prefix % self.page_size != 0) & (seq > prefix)
-        swa_last_loc = self._swa_last_loc(last_loc, continues)
+        swa_last_loc = self._swa_last_loc(last_loc, prefix, seq)
         full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens, need)
@@ -113,22 +112,31 @@ class SWAAllocator(FreeGroup):
             return None
         if seq_lens_device is None:
             seq_lens_device = upload(seq, self.device)
-        swa_last_loc = self._swa_last_loc(last_loc, (seq - 1) % self.page_size != 0)
+        swa_last_loc = self._swa_last_loc(last_loc, None, seq)
         full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device, need)
             self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         return full_slots
 
-    def _swa_last_loc(self, last_loc: torch.Tensor, continues: np.ndarray) -> torch.Tensor | None:
-        """SWA slots of ``last_loc`` (``None`` without an SWA pool). The requests marked in
-        ``continues`` (host bools) continue their last page and must have one: a tombstone
-        translates to slot 0, and continuing it would hand out slots of the reserved page 0.
-        Debug mode checks it (it syncs)."""
+    def _swa_last_loc(
+        self, last_loc: torch.Tensor, prefix: np.ndarray | None, seq: np.ndarray
+    ) -> torch.Tensor | None:
+        """SWA slots of ``last_loc`` (``None`` without an SWA pool) for extending requests from
+        host lengths ``prefix`` (``None``: a decode step, ``seq - 1``) to ``seq``. A request
+        continuing its last page must have one: a tombstone translates to slot 0, and
+        continuing it would hand out slots of the reserved page 0. Debug mode checks it (it
+        syncs); only then are the continuing requests worked out."""
         if self.swa is None:
             return None
         swa_last_loc = self.translate(last_loc.clamp(min=0))
-        if kernels.debug_enabled() and continues.any():
+        if not kernels.debug_enabled():
+            return swa_last_loc
+        if prefix is None:
+            continues = (seq - 1) % self.page_size != 0
+        else:
+            continues = (prefix % self.page_size != 0) & (seq > prefix)
+        if continues.any():
             mask = torch.from_numpy(continues).to(swa_last_loc.device)
             if bool(((swa_last_loc == 0) & mask).any()):
                 raise ValueError(
