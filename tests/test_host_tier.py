@@ -102,8 +102,8 @@ def seq(n: int, base: int = 1000) -> list[int]:
 
 def spans(mm: MemoryManager) -> dict[tuple[int, int], Node]:
     """Every node of the tree by its ``(start, end)`` (the scenarios keep them unique)."""
-    out = {(n.start, n.end): n for n in mm.tree._nodes()}
-    assert len(out) == len(mm.tree._nodes())
+    out = {(n.start, n.end): n for n in mm.tree.nodes()}
+    assert len(out) == len(mm.tree.nodes())
     return out
 
 
@@ -153,7 +153,7 @@ def test_write_through_selective_backs_up_on_the_second_hit() -> None:
     insert(mm, tokens)
     assert mm.tree.backed_up_tokens == 0
     mm.tree.match_prefix(tokens[:16])
-    assert mm.tree.backed_up_tokens == 0 and not any(n.on_host for n in mm.tree._nodes())
+    assert mm.tree.backed_up_tokens == 0 and not any(n.on_host for n in mm.tree.nodes())
     mm.tree.match_prefix(tokens[:16] + [1, 2, 3, 4])
     nodes = spans(mm)
     assert nodes[(0, 16)].on_host and not nodes[(16, 32)].on_host
@@ -323,7 +323,7 @@ def test_evict_host_leaves_first_lru_never_locked_or_pinned() -> None:
     s, d = roots[1000], roots[4000]
     b = s.children[tuple(range(2000, 2004))]
     c = s.children[tuple(range(3000, 3004))]
-    assert all(n.on_host for n in (s, b, c, d)) and len(mm.tree._nodes()) == 4
+    assert all(n.on_host for n in (s, b, c, d)) and len(mm.tree.nodes()) == 4
     mm.tree.match_prefix(stem + seq(8, 3000))
     mm.tree.match_prefix(seq(8, 4000))  # LRU among unlocked device leaves: c, then d
     handle = mm.tree.inc_lock(b)  # b and s locked
@@ -352,7 +352,7 @@ def test_evict_host_lru_among_leaves() -> None:
         insert(mm, t)
     for t in (c, a, b):  # LRU order now: c, a, b
         mm.tree.match_prefix(t)
-    by_first = {n.key[0]: n for n in mm.tree._nodes()}
+    by_first = {n.key[0]: n for n in mm.tree.nodes()}
     assert mm.tree.evict_host(8) == 8 and not by_first[3000].on_host
     assert mm.tree.evict_host(8) == 8 and not by_first[1000].on_host
     assert by_first[2000].on_host
@@ -675,12 +675,12 @@ def test_prefetch_of_window_swa_is_all_or_nothing(tmp_path: Path) -> None:
         return list(values)
 
     assert tree.prefetch(tokens, 32, no_tp) == 0
-    assert (host.full.available, host.swa.available) == free0 and not tree._nodes()
+    assert (host.full.available, host.swa.available) == free0 and not tree.nodes()
     # Only the first 24 tokens: their window (pages 2-5) has SWA: all of it is taken.
     assert tree.prefetch(tokens, 24, no_tp) == 24
     match = tree.match_prefix(tokens[:24])
     assert (match.host_hit_length, match.swa_host_hit_length) == (24, 16)
-    hosts = [n for n in tree._nodes()]
+    hosts = [n for n in tree.nodes()]
     assert all(not n.on_device for n in hosts)
     window = [n for n in hosts if n.host_swa is not None]
     assert [(n.start, n.end) for n in window] == [(8, 24)]

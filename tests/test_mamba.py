@@ -83,7 +83,7 @@ def assert_snapshots_exact(mm: MemoryManager, engine: FakeEngine) -> None:
     if mm.states is None:
         return
     mm.flush()  # host copies land (a no-op on CPU; see slow_side_stream)
-    for node in tree._nodes():
+    for node in tree.nodes():
         if node.state is None and node.host_state is None:
             continue
         want = expected_state(engine, tree.path_tokens(node))
@@ -94,7 +94,7 @@ def assert_snapshots_exact(mm: MemoryManager, engine: FakeEngine) -> None:
             got = host_state(mm, node.host_state)
             assert torch.equal(got, want), f"host snapshot at {node.end} corrupted"
     if tree.host is not None:
-        held = [n.host_state for n in tree._nodes() if n.host_state is not None]
+        held = [n.host_state for n in tree.nodes() if n.host_state is not None]
         free = tree.host.state.allocator.free_pages_view().tolist()
         assert len(set(held)) == len(held), "a host state slot held twice"
         assert sorted(held + free) == list(range(1, tree.host.state.allocator.num_pages)), (
@@ -266,7 +266,7 @@ def test_seed_snapshot_stays_pinned_until_its_copy() -> None:
     real = mm.states.copy
 
     def copy(src: torch.Tensor, dst: torch.Tensor) -> None:
-        held = {n.state: n for n in mm.tree._nodes() if n.state is not None}
+        held = {n.state: n for n in mm.tree.nodes() if n.state is not None}
         locks.extend(held[s].state_lock for s in src.tolist() if s in held)
         real(src, dst)
 
@@ -302,7 +302,7 @@ def test_prefix_without_snapshot_at_its_end_is_not_matched() -> None:
     prompt = list(range(8))
     d.one(Request("a", prompt, 9))  # snapshots at 8 (prefill) and 16 (final state)
     full = prompt + d.engine.outputs["a"]
-    ends = sorted(n.end for n in d.mm.tree._nodes() if n.state is not None)
+    ends = sorted(n.end for n in d.mm.tree.nodes() if n.state is not None)
     assert ends == [8, 16]
     d.one(Request("b", full[:14] + [99], 1))  # 12 is a page boundary, but has no snapshot
     assert d.first_chunk("b").cached_len == 8
@@ -340,7 +340,7 @@ def test_state_eviction_is_lru_and_never_takes_a_pinned_snapshot() -> None:
     assert nb.state is None and na.state is not None and nc.state is not None
     mm.states.allocator.free_pages(torch.tensor([slot]))
     assert tree.match_prefix(b + [0]).length == 0 and tree.match_prefix(c + [0]).length == 4
-    nc.state_lock = 1  # a copy from it is pending
+    tree.pin_state(nc, +1)  # a copy from it is pending
     assert tree.evict_states(3) == 1
     assert na.state is None and nc.state is not None
     assert torch.equal(device_state(mm, nc.state), torch.full((2, 2, 3), 3.0))
@@ -348,7 +348,7 @@ def test_state_eviction_is_lru_and_never_takes_a_pinned_snapshot() -> None:
     assert None not in taken
     assert tree.alloc_state() is None, "took the pinned snapshot"
     assert nc.state is not None
-    nc.state_lock = 0
+    tree.pin_state(nc, -1)
     assert tree.cached_full == 12, "state eviction dropped KV"
     assert tree.evict_states(1) == 1 and nc.state is None
     mm.states.allocator.free_pages(torch.tensor(taken))
@@ -381,10 +381,10 @@ def test_tight_state_pool_evicts_snapshots_and_completes(ps: int, slots: int) ->
 BREAKS: dict[str, Callable[[MemoryManager], None]] = {
     "leak": lambda mm: mm.states.allocator.alloc_pages(1),
     "free-held": lambda mm: mm.states.allocator.free_pages(
-        torch.tensor([next(n.state for n in mm.tree._nodes() if n.state is not None)])
+        torch.tensor([next(n.state for n in mm.tree.nodes() if n.state is not None)])
     ),
     "forget": lambda mm: setattr(
-        next(n for n in mm.tree._nodes() if n.state is not None), "state", None
+        next(n for n in mm.tree.nodes() if n.state is not None), "state", None
     ),
 }
 
@@ -540,7 +540,7 @@ def test_device_snapshot_evicted_matches_via_host_snapshot(ps: int) -> None:
     mm, boundary = d.mm, 2 * ps
     prompt = tokens(random.Random(3), boundary + 1)
     d.one(Request("a", prompt, 1))
-    node = next(n for n in mm.tree._nodes() if n.end == boundary)
+    node = next(n for n in mm.tree.nodes() if n.end == boundary)
     assert node.state is not None and node.host_state is not None
     assert mm.tree.evict_states(3) >= 1 and node.state is None
     m = mm.tree.match_prefix(prompt + [1])
@@ -757,7 +757,7 @@ def test_state_slot_is_not_reused_in_commit_before_its_backup_lands() -> None:
         mm.tree.evict_states(10)
         mm.tree.evict(EvictParams(full=10**6))  # backed up without a state: none on device
         d.one(Request("b", x + [2, 3], 1))  # recomputes x: device snapshots, on host, no host state
-        assert all(n.on_host and n.state and n.host_state is None for n in mm.tree._nodes())
+        assert all(n.on_host and n.state and n.host_state is None for n in mm.tree.nodes())
         # c's chunk-end snapshot at 8 evicts x's snapshot at 8: backed up, freed, rewritten
         d.one(Request("c", list(range(200, 217)), 1))  # "host snapshot at 8 corrupted"
 

@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 from test_tree import insert_new, pages
 
 from hybridkv.allocator import SWAAllocator
-from hybridkv.tree import EvictParams, EvictResult, Node, RadixTree
+from hybridkv.tree import EvictParams, FullPart, Node, RadixTree, SWAPart
 
 
-class ScanTree(RadixTree):
-    """The reference: every candidate set recomputed by a scan of the whole tree."""
+class ScanFull(FullPart):
+    """The reference full part: every candidate set recomputed by a scan of the whole tree."""
 
-    def _pick_leaves(self, target: int) -> list[Node]:
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if self._droppable(n, set())]
+    def pick_leaves(self, target: int) -> list[Node]:
+        heap = [(n.last_access, n.uid, n) for n in self.tree.nodes() if self.droppable(n, set())]
         heapq.heapify(heap)
         picked: list[Node] = []
         gone: set[int] = set()
@@ -34,51 +34,47 @@ class ScanTree(RadixTree):
             gone.add(node.uid)
             total += len(node)
             parent = node.parent
-            if parent is not None and self._droppable(parent, gone):
+            if parent is not None and self.droppable(parent, gone):
                 heapq.heappush(heap, (parent.last_access, parent.uid, parent))
         return picked
 
-    def _evict_lru_swa(
-        self, target: int, dropped: list[torch.Tensor], tombstoned: list[torch.Tensor]
-    ) -> EvictResult:
-        heap = [(n.last_access, n.uid, n) for n in self._nodes() if n.swa and n.swa_lock == 0]
+
+class ScanSWA(SWAPart):
+    """The reference SWA part: every candidate set recomputed by a scan of the whole tree."""
+
+    def evict_lru(self, target: int, dropped: list[torch.Tensor], tombstoned: list[Node]) -> None:
+        tree, full = self.tree, self.tree.full_part
+        heap = [(n.last_access, n.uid, n) for n in tree.nodes() if n.swa and n.swa_lock == 0]
         heapq.heapify(heap)
-        full = swa = 0
-        while heap and swa < target:
+        start = self.cached
+        while heap and start - self.cached < target:
             _, _, node = heapq.heappop(heap)
             if not node.on_device or not node.swa or node.parent is None:
                 continue
-            if self._droppable(node, set()):
+            if full.droppable(node, set()):
                 parent = node.parent
-                more = self._drop_all([node], dropped)
-                full, swa = full + more.full, swa + more.swa
-                if parent.swa and parent.swa_lock == 0 and self._droppable(parent, set()):
+                tree.drop([node], dropped)
+                if parent.swa and parent.swa_lock == 0 and full.droppable(parent, set()):
                     heapq.heappush(heap, (parent.last_access, parent.uid, parent))
             else:
-                swa += self._tombstone(node, tombstoned)
-        return EvictResult(full, swa)
+                self.tombstone(node, tombstoned)
 
     def _scan_protected(self) -> dict[int, int]:
         nearest_end: dict[int, int] = {}
-        for node in reversed(self._nodes()):
+        for node in reversed(self.tree.nodes()):
             if len(node.children) == 1:
                 (child,) = node.children.values()
                 nearest_end[node.uid] = nearest_end[child.uid]
             else:
                 nearest_end[node.uid] = node.end
-        ps = self.page_size
-        out = {}
-        for uid, end in nearest_end.items():
-            start = max(0, end - self.window)
-            out[uid] = start - start % ps
-        return out
+        return {uid: self.window_start(end) for uid, end in nearest_end.items()}
 
-    def _tombstone_unprotected(self, target: int, tombstoned: list[torch.Tensor]) -> int:
+    def tombstone_unprotected(self, target: int, tombstoned: list[Node]) -> int:
         if target <= 0:
             return 0
         protected = self._scan_protected()
         victims = [
-            n for n in self._nodes() if n.swa and n.swa_lock == 0 and protected[n.uid] > n.start
+            n for n in self.tree.nodes() if n.swa and n.swa_lock == 0 and protected[n.uid] > n.start
         ]
         victims.sort(key=lambda n: (n.last_access, n.uid))
         freed = 0
@@ -86,28 +82,38 @@ class ScanTree(RadixTree):
             if freed >= target:
                 break
             if protected[node.uid] < node.end:
-                node = self._split(node, protected[node.uid] - node.start)
-            freed += self._tombstone(node, tombstoned)
+                node = self.tree.split(node, protected[node.uid] - node.start)
+            freed += self.tombstone(node, tombstoned)
         return freed
 
-    def _tombstone_lru(self, target: int, tombstoned: list[torch.Tensor]) -> int:
+    def tombstone_lru(self, target: int, tombstoned: list[Node]) -> int:
         if target <= 0:
             return 0
-        victims = [n for n in self._nodes() if n.swa and n.swa_lock == 0]
+        victims = [n for n in self.tree.nodes() if n.swa and n.swa_lock == 0]
         victims.sort(key=lambda n: (n.last_access, n.uid))
         freed = 0
         for node in victims:
             if freed >= target:
                 break
-            freed += self._tombstone(node, tombstoned)
+            freed += self.tombstone(node, tombstoned)
         return freed
+
+
+class ScanTree(RadixTree):
+    """The reference tree: its full and SWA parts scan instead of keeping heaps."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.full_part.__class__ = ScanFull
+        if self.swa_part is not None:
+            self.swa_part.__class__ = ScanSWA
 
 
 def shape(tree: RadixTree) -> list[tuple]:
     """Every node's span, device and SWA presence, locks and LRU key (uids agree too)."""
     return sorted(
         (n.uid, n.start, n.end, n.on_device, n.swa, n.full_lock, n.swa_lock, n.last_access)
-        for n in tree._nodes()
+        for n in tree.nodes()
     )
 
 
@@ -196,7 +202,7 @@ def test_extended_leaf_unprotects_its_old_window() -> None:
     insert_new(tree, alloc, a + pages(ps, 5, 6, 7, 8), swa_from=4 * ps)
     tree.check()
     assert tree.evict(EvictParams(swa=ps)).swa == 2 * ps
-    by_start = {n.start: n for n in tree._nodes()}
+    by_start = {n.start: n for n in tree.nodes()}
     assert not by_start[2 * ps].swa and by_start[4 * ps].swa, "the old window went first"
 
 
@@ -214,10 +220,10 @@ def test_fork_losing_a_branch_unprotects_the_fork_window() -> None:
     tree.check()
     assert tree.evict(EvictParams(full=ps)).full == ps  # drops the short branch
     tree.check()
-    fork = next(n for n in tree._nodes() if n.end == 2 * ps)
+    fork = next(n for n in tree.nodes() if n.end == 2 * ps)
     assert fork.swa and len(fork.children) == 1
     assert tree.evict(EvictParams(swa=ps)).swa == ps
     tree.check()
-    by_span = {(n.start, n.end): n for n in tree._nodes()}
+    by_span = {(n.start, n.end): n for n in tree.nodes()}
     assert not by_span[0, ps].swa, "the former fork's first page is no longer protected"
     assert by_span[ps, 2 * ps].swa and by_span[2 * ps, 3 * ps].swa

@@ -56,8 +56,7 @@ class Admission:
         tree, alloc = self.tree, self.allocator
         state = 0
         if self.states is not None:
-            pinned = sum(1 for n in tree._nodes() if n.state is not None and n.state_lock)
-            state = self.states.available + tree.cached_states - pinned
+            state = self.states.available + tree.cached_states - tree.pinned_states
         return Cost(
             alloc.full_available + tree.evictable_full,
             alloc.swa_available + tree.evictable_swa,

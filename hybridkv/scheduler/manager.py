@@ -380,7 +380,7 @@ class MemoryManager:
             for node in lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
                 ensure(node.start < lock.swa_start or node.swa, "a locked window lost SWA")
-        for node in self.tree._nodes():
+        for node in self.tree.nodes():
             ensure(node.full_lock == locks.get(id(node), 0), "full lock count drifted")
             ensure(node.host_lock == 0, "a host copy pinned between steps")
             ensure(node.state_lock == 0, "a snapshot pinned between steps")
@@ -396,7 +396,7 @@ class MemoryManager:
             "the running batch drifted from the running requests",
         )
         if self.states is not None:
-            held = self.tree._check_states()
+            held = self.tree.state_slots()
             held += self.caching.in_flight_states
             for req in active:
                 held.append(req.state_slot)

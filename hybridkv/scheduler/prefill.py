@@ -115,7 +115,7 @@ class Prefill:
         prefix_len = match.length + match.host_hit_length
         req.lock = lock
         if seed is not None:
-            seed.state_lock += 1  # its snapshot seeds the working state
+            self.tree.pin_state(seed, +1)  # its snapshot seeds the working state
         fill_len = len(req.fill_ids)
         granted = adder.admit(
             adm.rooms(),
@@ -128,7 +128,7 @@ class Prefill:
         )
         if granted is None:
             if seed is not None:
-                seed.state_lock -= 1
+                self.tree.pin_state(seed, -1)
             self.tree.pin_host(match.last_host_node, load_start, -1)
             self.tree.dec_lock(lock)
             req.lock = None
@@ -286,4 +286,4 @@ class Prefill:
         # NOTE: only now, the copy issued: until then a later load back in this batch could
         # evict an unpinned seed snapshot and overwrite its slot before the copy read it.
         for a in new:
-            a.match.last_host_node.state_lock -= 1
+            self.tree.pin_state(a.match.last_host_node, -1)

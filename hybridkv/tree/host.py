@@ -1,103 +1,29 @@
-"""The host tier (L2) of the radix tree: backup, load back and host eviction.
+"""The host tier part (L2) of the radix tree: backup, load back, host eviction, prefetch.
 
-Host values mirror device values by pages in pinned host pools. Backed-up nodes form a
-rooted subtree (a node's parent is backed up before it), so walking a prefix never meets
-a hole. Copies run on a side CUDA stream; the main stream waits for them before anything
-can overwrite a copied page or read a loaded one. On CPU they run synchronously.
+Host values mirror device values by pages in pinned host pools: ``host_full`` and
+``host_swa`` a node's host slots, ``host_state`` the host slot of its snapshot. Backed-up
+nodes form a rooted subtree (a node's parent is backed up before it), so walking a prefix
+never meets a hole. Copies are ordered by the tier's :class:`Transfers`. Only a tree with
+a host tier has this part; it reads and refills the device parts it mirrors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from hybridkv import kernels
-from hybridkv.allocator import HostPool, KVPool
+from hybridkv.allocator import HostPool
+from hybridkv.errors import ensure
+from hybridkv.tree.lru import LazyHeap, pop_unheld
 from hybridkv.tree.node import Node
-from hybridkv.tree.storage import FileStorage
+from hybridkv.tree.parts import LockHandle, Part
+from hybridkv.tree.tier import HostTier
 
-WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
-
-
-class Transfers:
-    """Orders host<->device copies on a side stream against the engine's stream.
-
-    Backups (device -> host) and load backs (host -> device) are told apart: the engine's
-    stream waits for backups before anything can overwrite a page they read, and for a
-    layer's load back only before that layer's attention reads it. On CUDA a load back goes
-    layer by layer (``per_layer``), so attention can start while later layers still load;
-    on CPU copies are synchronous and one copy per pool does.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.per_layer = self.stream is not None
-        self._backed_up: torch.cuda.Event | None = None  # the last device->host copy
-        self._loaded: dict[int, torch.cuda.Event] = {}  # per layer: its last load back
-        self._last: torch.cuda.Event | None = None  # the last copy of any kind
-
-    @contextmanager
-    def side_stream(self, backup: bool) -> Iterator[None]:
-        """Run the block's copies after everything already queued, on the side stream."""
-        if self.stream is None:
-            yield
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            yield
-            self._last = self._record()
-            if backup:
-                self._backed_up = self._last
-
-    def layer_loaded(self, layer_id: int) -> None:
-        """Inside a load back's ``side_stream``: every copy issued so far loads ``layer_id``."""
-        if self.stream is not None:
-            self._loaded[layer_id] = self._record()
-
-    def wait_backups(self) -> None:
-        """Make the engine's stream wait for every backup issued so far."""
-        if self._backed_up is not None:
-            torch.cuda.current_stream().wait_event(self._backed_up)
-
-    def wait(self, layer_id: int | None = None) -> None:
-        """Make the engine's stream wait for ``layer_id``'s load back (None: every copy)."""
-        event = self._last if layer_id is None else self._loaded.get(layer_id, self._last)
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-
-    def flush(self) -> None:
-        """Block the host until every copy issued so far has landed."""
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    @staticmethod
-    def _record() -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
-
-@dataclass
-class HostTier:
-    """The host pools mirroring the device KV pools, the write policy, and the storage
-    tier (L3) behind them: pages are written there after their host backup and prefetched
-    from there into host memory."""
-
-    kv: KVPool
-    full: HostPool
-    swa: HostPool | None
-    write_policy: str
-    storage: FileStorage | None = None
-    state: HostPool | None = None
-    transfers: Transfers = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.write_policy not in WRITE_POLICIES:
-            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}")
-        self.transfers = Transfers(self.kv.full_buf.device)
+if TYPE_CHECKING:
+    from hybridkv.tree.radix import RadixTree
 
 
 def _pages(slots: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -109,10 +35,63 @@ def _slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
     return (pages[:, None] * page_size + torch.arange(page_size, device=pages.device)).flatten()
 
 
-class HostMixin:
-    """Host-tier operations; part of :class:`RadixTree` (uses its state and helpers)."""
+class HostPart(Part):
+    """Host copies of a tree's device values in the pools of ``host``, and storage (L3)."""
 
-    def _backup(self, nodes: list[Node]) -> int:
+    def __init__(self, tree: RadixTree, host: HostTier) -> None:
+        self.tree = tree
+        self.host = host
+        self.page_size = tree.page_size
+        self.cached_full = 0  # tokens with host full KV
+        self.cached_swa = 0  # tokens with host SWA KV
+        self.backed_up_tokens = 0  # counter: tokens copied to host
+        self.loaded_swa_tokens = 0  # counter: SWA KV tokens loaded back from host
+        self.lru = LazyHeap()  # host leaves (host-pinned ones are skipped on pop)
+        self.state_lru = LazyHeap()  # host state snapshots
+
+    def heaps(self) -> tuple[LazyHeap, ...]:
+        return (self.lru, self.state_lru)
+
+    # ---------------------------------------------------------------- hooks
+
+    def on_split(self, upper: Node, lower: Node, k: int) -> None:
+        upper.host_lock = lower.host_lock
+        if lower.host_full is not None:
+            upper.host_full, lower.host_full = lower.host_full[:k], lower.host_full[k:]
+        if lower.host_swa is not None:
+            upper.host_swa, lower.host_swa = lower.host_swa[:k], lower.host_swa[k:]
+
+    def on_match(self, device: list[Node]) -> None:
+        if self.host.write_policy == "write_through_selective":
+            self.backup([n for n in device if n.hit_count >= 2][-1:])
+
+    def on_inserted(self, node: Node) -> None:
+        if self.host.write_policy == "write_through":
+            self.backup([node])
+
+    def on_unlock(self, handle: LockHandle, unlocked: list[Node]) -> None:
+        for n in unlocked:
+            if n.host_full is not None:
+                self.queue(n)
+
+    def before_drop(self, victims: list[Node]) -> None:
+        if self.host.write_policy == "write_back":
+            self.backup([n for n in victims if not n.on_host])
+
+    def on_snapshot(self, node: Node) -> None:
+        """``node`` got a device snapshot: under a write-through policy, back it up if the
+        node is backed up."""
+        if self.host.write_policy != "write_back" and node.on_host:
+            self.backup_states([node])
+
+    def before_state_drop(self, victims: list[Node]) -> None:
+        """The snapshots of ``victims`` are about to be freed: under write-back, back them up."""
+        if self.host.write_policy == "write_back":
+            self.backup_states([n for n in victims if n.on_host])
+
+    # ---------------------------------------------------------------- backup
+
+    def backup(self, nodes: list[Node]) -> int:
         """Copy the device KV of ``nodes`` and of their un-backed ancestors to host.
 
         Parents go first (SGLang PR 25065 skipped a child whose parent had no host copy,
@@ -121,8 +100,6 @@ class HostMixin:
         Returns the tokens backed up.
         """
         host, ps = self.host, self.page_size
-        if host is None:
-            return 0
         todo: list[Node] = []
         seen: set[int] = set()
         for node in nodes:
@@ -138,10 +115,10 @@ class HostMixin:
             n.host_lock += 1
         need = sum(len(n) for n in todo)
         need_swa = sum(len(n) for n in todo if n.swa)
-        self.evict_host(need - host.full.available, need_swa - self._host_swa_available())
+        self.evict(need - host.full.available, need_swa - self._swa_available())
         for n in pinned:
             n.host_lock -= 1
-        fits, full_left, swa_left = [], host.full.available, self._host_swa_available()
+        fits, full_left, swa_left = [], host.full.available, self._swa_available()
         for n in todo:
             swa_n = len(n) if n.swa else 0
             if len(n) > full_left or swa_n > swa_left:
@@ -153,15 +130,15 @@ class HostMixin:
         with host.transfers.side_stream(backup=True):
             dev_pages = torch.cat([_pages(n.full, ps) for n in fits])
             host_pages = host.full.backup(host.kv.page_view(False), dev_pages)
-            assert host_pages is not None
+            ensure(host_pages is not None, "a host backup without room")
             with_swa = [n for n in fits if n.swa]
             swa_pages = None
             if with_swa:
                 dev_swa = torch.cat(
-                    [_pages(self.allocator.translate(n.full), ps) for n in with_swa]
+                    [_pages(self.tree.allocator.translate(n.full), ps) for n in with_swa]
                 )
                 swa_pages = host.swa.backup(host.kv.page_view(True), dev_swa)
-                assert swa_pages is not None
+                ensure(swa_pages is not None, "a host SWA backup without room")
         offset = swa_offset = 0
         for n in fits:
             k = len(n) // ps
@@ -170,11 +147,10 @@ class HostMixin:
             if n.swa:
                 n.host_swa = _slots(swa_pages[swa_offset : swa_offset + k], ps)
                 swa_offset += k
-                self.host_cached_swa += len(n)
-            self.host_cached_full += len(n)
-            self._queue_host(n)
-        if self.states is not None:
-            self._backup_states(fits)
+                self.cached_swa += len(n)
+            self.cached_full += len(n)
+            self.queue(n)
+        self.backup_states(fits)
         tokens = sum(len(n) for n in fits)
         self.backed_up_tokens += tokens
         if host.storage is not None:
@@ -186,12 +162,48 @@ class HostMixin:
         host, ps = self.host, self.page_size
         host.transfers.flush()
         for node in nodes:
-            keys = host.storage.keys(self.path_tokens(node), ps)[node.start // ps :]
+            keys = host.storage.keys(self.tree.path_tokens(node), ps)[node.start // ps :]
             full = host.full.buf[_pages(node.host_full, ps)]
             swa = None
             if node.host_swa is not None:
                 swa = host.swa.buf[_pages(node.host_swa, ps)]
             host.storage.write(keys, full, swa)
+
+    def backup_states(self, nodes: list[Node]) -> None:
+        """Copy the snapshots of backed-up ``nodes`` to the host state pool (one copy)."""
+        host, states = self.host, self.tree.state_part
+        if host.state is None or states is None:
+            return
+        nodes = [n for n in nodes if n.state is not None and n.host_state is None and n.on_host]
+        if not nodes:
+            return
+        self._evict_states(len(nodes) - host.state.allocator.free_page_count, nodes)
+        if host.state.allocator.free_page_count < len(nodes):
+            nodes = nodes[: host.state.allocator.free_page_count]
+        if not nodes:
+            return
+        device = states.pool.buf.device
+        with host.transfers.side_stream(backup=True):
+            got = host.state.backup(states.pool.slot_view(), _t([n.state for n in nodes], device))
+        for n, slot in zip(nodes, got.tolist(), strict=True):
+            n.host_state = slot
+            self.state_lru.push(n)
+
+    def _evict_states(self, count: int, keep: list[Node]) -> None:
+        """Drop at least ``count`` host snapshots, least recently used first (their nodes keep
+        their KV), never one pinned or in ``keep``."""
+        if count <= 0:
+            return
+        skip = {n.uid for n in keep}
+        victims = pop_unheld(
+            self.state_lru, count, _has_host_state, lambda n: n.host_lock or n.uid in skip
+        )
+        if victims:
+            self.host.state.free(torch.tensor([n.host_state for n in victims]))
+        for n in victims:
+            n.host_state = None
+
+    # ---------------------------------------------------------------- storage
 
     def prefetch(
         self, tokens: list[int], limit: int, reduce_min: Callable[[list[int]], list[int]]
@@ -203,22 +215,21 @@ class HostMixin:
         them arrived. The window's SWA pages are all or nothing (SGLang PR 27264): unless
         every page and the window's SWA arrived on every rank, the whole prefetch is released.
         """
-        host, ps = self.host, self.page_size
-        if host is None or host.storage is None:
+        host, ps, tree = self.host, self.page_size, self.tree
+        if host.storage is None:
             return 0
         limit -= limit % ps
-        nodes = self._walk(tokens, limit)
-        parent = nodes[-1] if nodes else self.root
+        nodes = tree.walk(tokens, limit)
+        parent = nodes[-1] if nodes else tree.root
         keys = host.storage.keys(tokens[:limit], ps)[parent.end // ps :]
         (count,) = reduce_min([host.storage.contains(keys)])
         if count == 0:
             return 0
         start, end = parent.end, parent.end + count * ps
         window_start = end
-        if self.window is not None:
-            window_start = max(start, end - self.window)
-            window_start -= window_start % ps
-        full_pages, swa_pages = self._host_room(parent, count, (end - window_start) // ps)
+        if tree.swa_part is not None:
+            window_start = max(start, tree.swa_part.window_start(end))
+        full_pages, swa_pages = self._room(parent, count, (end - window_start) // ps)
         full_buf = torch.empty(count, *host.full.buf.shape[1:], dtype=host.full.buf.dtype)
         swa_buf = (
             None
@@ -240,24 +251,22 @@ class HostMixin:
         host.full.buf[full_pages] = full_buf
         if swa_pages.numel():
             host.swa.buf[swa_pages] = swa_buf[first_window_page:]
-        self._add_host_path(parent, tokens, start, window_start, end, full_pages, swa_pages)
+        self._add_path(parent, tokens, start, window_start, end, full_pages, swa_pages)
         return count * ps
 
-    def _host_room(
+    def _room(
         self, parent: Node, full_pages: int, swa_pages: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Host pages for a prefetch under ``parent`` (backed up first, so the backed-up set
         stays rooted); ``None`` where a pool is short even after host eviction."""
         host, ps = self.host, self.page_size
-        self._backup([parent])
-        if parent is not self.root and not parent.on_host:
+        self.backup([parent])
+        if parent is not self.tree.root and not parent.on_host:
             return None, None
         pinned = parent.path()
         for n in pinned:
             n.host_lock += 1
-        self.evict_host(
-            full_pages * ps - host.full.available, swa_pages * ps - self._host_swa_available()
-        )
+        self.evict(full_pages * ps - host.full.available, swa_pages * ps - self._swa_available())
         for n in pinned:
             n.host_lock -= 1
         full = host.full.allocator.alloc_pages(full_pages)
@@ -265,7 +274,7 @@ class HostMixin:
             return full, torch.empty(0, dtype=torch.int64)
         return full, host.swa.allocator.alloc_pages(swa_pages)
 
-    def _add_host_path(
+    def _add_path(
         self,
         parent: Node,
         tokens: list[int],
@@ -276,32 +285,22 @@ class HostMixin:
         swa_pages: torch.Tensor,
     ) -> None:
         """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window."""
-        ps = self.page_size
-        self._clock += 1
-        grew = parent if not parent.children else None
+        ps, tree = self.page_size, self.tree
+        tree.touch()
         for a, b in ((start, window_start), (window_start, end)):
             if a == b:
                 continue
-            node = Node(
-                uid=next(self._uids),
-                key=tokens[a:b],
-                start=a,
-                parent=parent,
-                full=None,
-                swa=False,
-                host_full=_slots(full_pages[(a - start) // ps : (b - start) // ps], ps),
-                last_access=self._clock,
-            )
-            if a == window_start and self.window is not None:
+            node = tree.new_node(tokens[a:b], a, parent)
+            node.host_full = _slots(full_pages[(a - start) // ps : (b - start) // ps], ps)
+            if a == window_start and tree.swa_part is not None:
                 node.host_swa = _slots(swa_pages, ps)
-                self.host_cached_swa += b - a
-            parent.children[tuple(tokens[a : a + ps])] = node
-            self.host_cached_full += b - a
-            self._live += 1
+                self.cached_swa += b - a
+            self.cached_full += b - a
+            tree.add_host_node(parent, node)
             parent = node
-        self._queue_host(parent)
-        if grew is not None:
-            self._on_branch_grew(grew)
+        self.queue(parent)
+
+    # ---------------------------------------------------------------- load back
 
     def load_back(self, ends: list[Node]) -> int:
         """Copy what the prefixes ending at ``ends`` lack on device back from host: the full
@@ -310,23 +309,23 @@ class HostMixin:
 
         The caller made room on the device (admission counted it). Returns tokens loaded.
         """
-        host, ps, alloc = self.host, self.page_size, self.allocator
-        assert host is not None
+        host, ps, tree = self.host, self.page_size, self.tree
+        alloc, swa = tree.allocator, tree.swa_part
         full_nodes: dict[int, Node] = {}
         swa_nodes: dict[int, Node] = {}
         for end in ends:
-            start = 0 if self.window is None else max(0, end.end - self.window)
+            start = end.end if swa is None else swa.window_start(end.end)
             for n in reversed(end.path()):
                 if not n.on_device:
                     full_nodes[n.uid] = n
-                if self.window is not None and n.start >= start - start % ps and not n.swa:
+                if n.start >= start and not n.swa:
                     swa_nodes[n.uid] = n
         full_nodes, swa_nodes = list(full_nodes.values()), list(swa_nodes.values())
         n_full = sum(len(n) for n in full_nodes) // ps
         n_swa = sum(len(n) for n in swa_nodes) // ps
         dev_pages = alloc.full.alloc_pages(n_full)
         swa_pages = alloc.swa.alloc_pages(n_swa) if alloc.has_swa else dev_pages[:0]
-        assert dev_pages is not None and swa_pages is not None, "load back without room"
+        ensure(dev_pages is not None and swa_pages is not None, "load back without room")
         host_full = torch.cat([_pages(n.host_full, ps) for n in full_nodes]) if n_full else None
         host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes]) if n_swa else None
         views = {False: host.kv.page_view(False), True: host.kv.page_view(True)}
@@ -335,26 +334,20 @@ class HostMixin:
             if host.transfers.per_layer:
                 self._load_by_layer(views, loads)
             else:
-                for swa, (pool, src, dst) in loads.items():
+                for is_swa, (pool, src, dst) in loads.items():
                     if src is not None:
-                        pool.load(views[swa], src, dst)
+                        pool.load(views[is_swa], src, dst)
         offset = 0
         for n in full_nodes:
             k = len(n) // ps
-            n.full = _slots(dev_pages[offset : offset + k], ps)
+            tree.full_part.attach(n, _slots(dev_pages[offset : offset + k], ps))
             offset += k
-            self.cached_full += len(n)
-            self.evictable_full += len(n) if n.full_lock == 0 else 0
-            self._queue_full(n)
         offset = 0
         for n in swa_nodes:
             k = len(n) // ps
             alloc.full_to_swa[n.full] = _slots(swa_pages[offset : offset + k], ps)
             offset += k
-            n.swa = True
-            self.cached_swa += len(n)
-            self.evictable_swa += len(n) if n.swa_lock == 0 else 0
-            self._queue_swa(n)
+            swa.restore(n)
         self.loaded_swa_tokens += n_swa * ps
         return n_full * ps
 
@@ -387,7 +380,26 @@ class HostMixin:
                 )
             transfers.layer_loaded(layer_id)
 
-    def evict_host(self, full: int, swa: int = 0) -> int:
+    def load_state(self, node: Node) -> bool:
+        """Bring ``node``'s snapshot back from host (it has none on device); False if it is
+        not on host or no slot can be had."""
+        states = self.tree.state_part
+        if node.host_state is None or states is None:
+            return False
+        got = self.tree.alloc_state()
+        if got is None:
+            return False
+        device = states.pool.buf.device
+        with self.host.transfers.side_stream(backup=False):
+            self.host.state.load(
+                states.pool.slot_view(), _t([node.host_state], "cpu"), _t([got], device)
+            )
+        states.set(node, got)
+        return True
+
+    # ---------------------------------------------------------------- host eviction
+
+    def evict(self, full: int, swa: int = 0) -> int:
         """Free at least ``full`` host tokens (and ``swa`` host SWA tokens) if evictable.
 
         Host leaves go first, least recently used first; never a locked node or one whose
@@ -395,13 +407,13 @@ class HostMixin:
         anywhere leaves the tree. Returns host full tokens freed.
         """
         host, ps = self.host, self.page_size
-        if host is None or (full <= 0 and swa <= 0):
+        if full <= 0 and swa <= 0:
             return 0
         freed = freed_swa = 0
         full_pages, swa_pages = [], []
         pinned: list[Node] = []  # host leaves whose copy is pinned: skipped, queued again
         while freed < full or freed_swa < swa:
-            node = self._host_lru.pop(self._host_leaf)
+            node = self.lru.pop(self._leaf)
             if node is None:
                 break
             if node.host_lock:
@@ -410,27 +422,27 @@ class HostMixin:
             parent = node.parent
             full_pages.append(_pages(node.host_full, ps))
             freed += len(node)
-            self.host_cached_full -= len(node)
+            self.cached_full -= len(node)
             if node.host_swa is not None:
                 swa_pages.append(_pages(node.host_swa, ps))
                 freed_swa += len(node)
-                self.host_cached_swa -= len(node)
+                self.cached_swa -= len(node)
             node.host_full = node.host_swa = None
             if node.host_state is not None:
                 host.state.free(torch.tensor([node.host_state]))
                 node.host_state = None
             if not node.on_device:
-                self._detach(node)
-            self._queue_host(parent)
+                self.tree.detach(node)
+            self.queue(parent)
         for node in pinned:
-            self._host_lru.push(node)
+            self.lru.push(node)
         if full_pages:
             host.full.free(torch.cat(full_pages))
         if swa_pages:
             host.swa.free(torch.cat(swa_pages))
         return freed
 
-    def pin_host(self, end: Node, start: int, delta: int) -> None:
+    def pin(self, end: Node, start: int, delta: int) -> None:
         """Pin (``+1``) or unpin (``-1``) the host copies of positions ``[start, end.end)`` on
         the path to ``end`` (what a match will load back).
 
@@ -443,16 +455,59 @@ class HostMixin:
                 break
             node.host_lock += delta
 
-    def _host_leaf(self, node: Node) -> bool:
+    def _leaf(self, node: Node) -> bool:
         """Host-evictable but for a host pin: an unlocked host node with no child on host."""
         if node.parent is None or node.host_full is None or node.full_lock:
             return False
         return not any(c.host_full is not None for c in node.children.values())
 
-    def _queue_host(self, node: Node) -> None:
+    def queue(self, node: Node) -> None:
         """Queue ``node`` for host eviction if it is a host leaf."""
-        if self.host is not None and self._host_leaf(node):
-            self._host_lru.push(node)
+        if self._leaf(node):
+            self.lru.push(node)
 
-    def _host_swa_available(self) -> int:
+    def _swa_available(self) -> int:
         return self.host.swa.available if self.host.swa is not None else 0
+
+    # ---------------------------------------------------------------- check
+
+    def check(self, nodes: list[Node]) -> None:
+        root = self.tree.root
+        host_full = host_swa = 0
+        for node in nodes:
+            ensure(node.host_lock >= 0, "a negative host lock")
+            if node.on_host:
+                ensure(node.host_full.numel() == len(node), "a node's host slots")
+                ensure(node.parent is root or node.parent.on_host, "a backup whose parent has none")
+                host_full += len(node)
+            if node.host_swa is not None:
+                ensure(node.on_host and node.host_swa.numel() == len(node), "host SWA slots")
+                host_swa += len(node)
+            ensure(node.host_state is None or node.on_host, "a host snapshot of a node not on host")
+        ensure((host_full, host_swa) == (self.cached_full, self.cached_swa), "host counters")
+        self._check_pages(nodes)
+        self.lru.check([n for n in nodes if self._leaf(n)], "host")
+        self.state_lru.check([n for n in nodes if n.host_state is not None], "host state")
+
+    def _check_pages(self, nodes: list[Node]) -> None:
+        """Every host page (and host state slot) is free or held by exactly one node."""
+        host, ps = self.host, self.page_size
+        pools = [(host.full, [_pages(n.host_full, ps) for n in nodes if n.on_host])]
+        if host.swa is not None:
+            swa = [_pages(n.host_swa, ps) for n in nodes if n.host_swa is not None]
+            pools.append((host.swa, swa))
+        if host.state is not None:
+            held = [n.host_state for n in nodes if n.host_state is not None]
+            pools.append((host.state, [torch.tensor(held, dtype=torch.int64)]))
+        for pool, pages in pools:
+            pages = [pool.allocator.free_pages_view(), *pages]
+            count = torch.bincount(torch.cat(pages), minlength=pool.allocator.num_pages)
+            ensure(int(count[0]) == 0 and bool((count[1:] == 1).all()), "host pages lost or shared")
+
+
+def _t(slots: list[int], device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.int64, device=device)
+
+
+def _has_host_state(node: Node) -> bool:
+    return node.host_state is not None and node.parent is not None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+from hybridkv.errors import ensure
 from hybridkv.tree.node import Node
 
 
@@ -76,13 +77,13 @@ class LazyHeap:
         self.queued = {e[1] for e in self.heap}
 
     def check(self, candidates: list[Node], what: str) -> None:
-        """Assert one entry per queued uid and an entry, keyed at most its current key, for
-        every node of ``candidates`` (a full scan's answer)."""
+        """Verify one entry per queued uid and an entry, keyed at most its current key, for
+        every node of ``candidates`` (a full scan's answer); raise ``CheckError`` if not."""
         keys = {uid: key for key, uid, _ in self.heap}
-        assert len(keys) == len(self.heap) and set(keys) == self.queued, f"{what} LRU entries"
+        ensure(len(keys) == len(self.heap) and set(keys) == self.queued, f"{what} LRU entries")
         for node in candidates:
             key = keys.get(node.uid)
-            assert key is not None and key <= node.last_access, f"{what} LRU misses a candidate"
+            ensure(key is not None and key <= node.last_access, f"{what} LRU misses a candidate")
 
 
 def pop_older(a: LazyHeap, b: LazyHeap, valid: Callable[[Node], bool]) -> Node | None:
@@ -94,3 +95,20 @@ def pop_older(a: LazyHeap, b: LazyHeap, valid: Callable[[Node], bool]) -> Node |
     if y is None or (x is not None and (x.last_access, x.uid) < (y.last_access, y.uid)):
         return a.pop(valid)
     return b.pop(valid)
+
+
+def pop_unheld(
+    heap: LazyHeap, count: int, valid: Callable[[Node], bool], held: Callable[[Node], bool]
+) -> list[Node]:
+    """Pop the ``count`` least recently used ``valid`` nodes not ``held`` (held ones, pinned
+    by a pending copy, are skipped and stay queued)."""
+    victims: list[Node] = []
+    skipped: list[Node] = []
+    while len(victims) < count:
+        node = heap.pop(valid)
+        if node is None:
+            break
+        (skipped if held(node) else victims).append(node)
+    for node in skipped:
+        heap.push(node)
+    return victims

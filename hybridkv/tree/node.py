@@ -20,15 +20,20 @@ class Node:
         exactly ``end`` tokens (a split keeps it on the lower part); ``host_state`` its backup.
     Lock counts are per component: a full lock pins the node's full KV (every node on a
     locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window), a
-    host lock its host values (a load back or a copy in flight).
+    host lock its host values (a load back or a copy in flight), a state lock its snapshot
+    (a copy from it is pending).
+
+    The tree owns the structure (key, start, parent, children, full lock, LRU key); each
+    value and its lock belong to the tree part of its component (``hybridkv.tree.parts``),
+    the only code that changes them.
     """
 
     uid: int  # creation order in its tree: a deterministic LRU tie-break
     key: list[int]
     start: int
     parent: Node | None
-    full: torch.Tensor | None
-    swa: bool
+    full: torch.Tensor | None = None
+    swa: bool = False
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     host_full: torch.Tensor | None = None
     host_swa: torch.Tensor | None = None

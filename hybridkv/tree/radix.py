@@ -5,6 +5,9 @@ Each node caches whole pages: an unaligned tail is never cached. A node's full K
 all present or all tombstoned: splits keep it so). Memory work is batched: a match or an
 insert frees with one allocator call, an eviction with one call per pool.
 
+The tree holds the structure; what is cached lives in its parts (:mod:`hybridkv.tree.parts`),
+one per kind of data the model has, each with its own counters and LRU heaps.
+
 SWA usability of a match (window ``w``)::
 
     positions: 0 ....... L-w ....... L
@@ -14,18 +17,36 @@ SWA usability of a match (window ``w``)::
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from hybridkv.allocator import StatePool, SWAAllocator
-from hybridkv.tree.evict import EvictionMixin
-from hybridkv.tree.host import HostMixin, HostTier
-from hybridkv.tree.lru import LazyHeap
+from hybridkv.errors import ensure
+from hybridkv.tree.full import FullPart
+from hybridkv.tree.host import HostPart
 from hybridkv.tree.node import Node
-from hybridkv.tree.state import StateMixin
+from hybridkv.tree.parts import LockHandle, Part
+from hybridkv.tree.state import StatePart
+from hybridkv.tree.swa import SWA_EVICTION_POLICIES, SWAPart
+from hybridkv.tree.tier import HostTier
 
-SWA_EVICTION_POLICIES = ("window", "lru")
+
+@dataclass(frozen=True, slots=True)
+class EvictParams:
+    """Tokens to free in each pool."""
+
+    full: int = 0
+    swa: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EvictResult:
+    """Tokens freed in each pool (dropping a node's device KV frees both)."""
+
+    full: int
+    swa: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,26 +91,20 @@ class MatchResult:
         return min(start, self.swa_nodes[0].start) if self.swa_nodes else start
 
 
-@dataclass(frozen=True, slots=True)
-class LockHandle:
-    """What ``inc_lock`` locked: the path to ``node``, SWA from position ``swa_start``."""
-
-    node: Node
-    swa_start: int
-
-
-class RadixTree(EvictionMixin, HostMixin, StateMixin):
-    """Prefix cache over a :class:`SWAAllocator`.
+class RadixTree:
+    """Prefix cache over a :class:`SWAAllocator`, composed of one part per kind of data.
 
     Args:
         allocator: the device pools; the tree frees into them.
         page_size: tokens per page; keys are whole pages.
-        window: sliding window in tokens, or ``None`` for a model without SWA layers.
+        window: sliding window in tokens, or ``None`` for a model without SWA layers (no
+            SWA part).
         swa_eviction: ``"window"`` keeps each cached branch's last window whole as long as
             anything of the branch is cached; ``"lru"`` tombstones in plain LRU order.
-        host: the host tier (pools and write policy), or ``None`` for device only.
+        host: the host tier (pools and write policy), or ``None`` for device only (no host
+            part).
         states: the recurrent-state pool for snapshots, or ``None`` for a model without
-            recurrent layers.
+            recurrent layers (no state part).
     """
 
     def __init__(
@@ -106,34 +121,72 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         self.allocator = allocator
         self.page_size = page_size
         self.window = window
-        self.swa_eviction = swa_eviction
         self.host = host
-        self.states = states
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._uids = itertools.count()
-        self.root = Node(
-            uid=next(self._uids), key=[], start=0, parent=None, full=empty, swa=window is not None
-        )
-        self.root.full_lock = self.root.swa_lock = 1  # never evicted
-        self.cached_full = 0  # tokens with device full KV
-        self.cached_swa = 0  # tokens with device SWA KV
-        self.evictable_full = 0  # of those, in nodes without a full lock
-        self.evictable_swa = 0  # of those, in nodes without an SWA lock
-        self.host_cached_full = 0  # tokens with host full KV
-        self.host_cached_swa = 0  # tokens with host SWA KV
-        self.backed_up_tokens = 0  # counter: tokens copied to host
-        self.loaded_swa_tokens = 0  # counter: SWA KV tokens loaded back from host
-        self.cached_states = 0  # device state snapshots
+        self.root = Node(uid=next(self._uids), key=[], start=0, parent=None, full=empty)
+        self.root.full_lock = 1  # never evicted
         self._clock = 0
-        # Eviction candidates by kind, LRU first (hybridkv.tree.lru): no eviction scans.
-        self._full_lru = LazyHeap()  # device nodes droppable for full eviction
-        self._swa_lru = LazyHeap()  # unlocked SWA nodes (window policy: maybe unprotected)
-        self._swa_kept = LazyHeap()  # unlocked SWA nodes found protected (window policy)
-        self._host_lru = LazyHeap()  # host leaves (host-pinned ones are skipped on pop)
-        self._state_lru = LazyHeap()  # device state snapshots
-        self._host_state_lru = LazyHeap()  # host state snapshots
         self._live = 0  # nodes in the tree but the root
         self._dead = 0  # nodes detached since the heaps were last compacted
+        self.full_part = FullPart(self)
+        self.swa_part = None if window is None else SWAPart(self, window, swa_eviction)
+        self.state_part = None if states is None else StatePart(self, states)
+        self.host_part = None if host is None else HostPart(self, host)
+        parts: list[Part | None] = [self.full_part, self.swa_part, self.state_part, self.host_part]
+        self.parts: list[Part] = [p for p in parts if p is not None]
+
+    # ---------------------------------------------------------------- counters
+
+    @property
+    def cached_full(self) -> int:
+        """Tokens with device full KV."""
+        return self.full_part.cached
+
+    @property
+    def evictable_full(self) -> int:
+        """Of those, in nodes without a full lock."""
+        return self.full_part.evictable
+
+    @property
+    def cached_swa(self) -> int:
+        """Tokens with device SWA KV."""
+        return 0 if self.swa_part is None else self.swa_part.cached
+
+    @property
+    def evictable_swa(self) -> int:
+        """Of those, in nodes without an SWA lock."""
+        return 0 if self.swa_part is None else self.swa_part.evictable
+
+    @property
+    def cached_states(self) -> int:
+        """Device state snapshots."""
+        return 0 if self.state_part is None else self.state_part.cached
+
+    @property
+    def pinned_states(self) -> int:
+        """Of those, pinned (``state_lock``): not evictable."""
+        return 0 if self.state_part is None else self.state_part.pinned
+
+    @property
+    def host_cached_full(self) -> int:
+        """Tokens with host full KV."""
+        return 0 if self.host_part is None else self.host_part.cached_full
+
+    @property
+    def host_cached_swa(self) -> int:
+        """Tokens with host SWA KV."""
+        return 0 if self.host_part is None else self.host_part.cached_swa
+
+    @property
+    def backed_up_tokens(self) -> int:
+        """Counter: tokens copied to host."""
+        return 0 if self.host_part is None else self.host_part.backed_up_tokens
+
+    @property
+    def loaded_swa_tokens(self) -> int:
+        """Counter: SWA KV tokens loaded back from host."""
+        return 0 if self.host_part is None else self.host_part.loaded_swa_tokens
 
     # ---------------------------------------------------------------- match
 
@@ -147,18 +200,11 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         """
         limit = len(tokens) if max_len is None else min(max_len, len(tokens))
         limit -= limit % self.page_size
-        nodes = self._walk(tokens, limit)
+        nodes = self.walk(tokens, limit)
         nodes = nodes[: self._usable(nodes)]
         swa_nodes: list[Node] = []
-        if self.window is not None:
-            if nodes:
-                start = max(0, nodes[-1].end - self.window)
-                start -= start % self.page_size
-                if any(n.end > start and not n.swa for n in nodes):
-                    # NOTE: split at the window start: only the window's SWA is loaded back.
-                    self._split_at(nodes[-1], start)
-                    nodes = list(reversed(nodes[-1].path()))
-                    swa_nodes = [n for n in nodes if n.start >= start and not n.swa]
+        if self.swa_part is not None and nodes:
+            nodes, swa_nodes = self.swa_part.window_to_load(nodes)
         self._clock += 1
         for node in nodes:
             node.last_access = self._clock
@@ -167,11 +213,11 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         while on_device < len(nodes) and nodes[on_device].on_device:
             on_device += 1
         device, host = nodes[:on_device], nodes[on_device:]
-        if self.host is not None and self.host.write_policy == "write_through_selective":
-            self._backup([n for n in device if n.hit_count >= 2][-1:])
+        for part in self.parts:
+            part.on_match(device)
         last = device[-1] if device else self.root
         slots = torch.cat([n.full for n in device]) if device else self.root.full
-        state_from_host = bool(nodes) and self.states is not None and nodes[-1].state is None
+        state_from_host = self.state_part is not None and bool(nodes) and nodes[-1].state is None
         return MatchResult(slots, last, tuple(host), tuple(swa_nodes), state_from_host)
 
     def path_tokens(self, node: Node) -> list[int]:
@@ -183,7 +229,7 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         path = node.path()
         return torch.cat([n.full for n in reversed(path)]) if path else self.root.full
 
-    def _walk(self, tokens: list[int], limit: int) -> list[Node]:
+    def walk(self, tokens: list[int], limit: int) -> list[Node]:
         """Nodes with KV (device or host) along ``tokens[:limit]``, the last split to end there."""
         nodes: list[Node] = []
         node, pos, ps = self.root, 0, self.page_size
@@ -193,26 +239,25 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
                 break
             m = self._common_len(child.key, tokens, pos, limit)
             if m < len(child):
-                child = self._split(child, m)
+                child = self.split(child, m)
             nodes.append(child)
             pos += m
             node = child
         return nodes
 
     def _usable(self, nodes: list[Node]) -> int:
-        """How many of ``nodes`` form the longest prefix every layer kind can use: its last
-        window has SWA KV (device or host), and it ends at a recurrent-state snapshot."""
-        usable, run_start = 0, 0
-        for i, node in enumerate(nodes):
-            swa_ok = True
-            if self.window is not None:
-                if not node.swa and node.host_swa is None:
-                    run_start = node.end
-                    continue
-                swa_ok = run_start == 0 or node.end - run_start >= self.window
-            state_ok = self.states is None or node.state is not None or node.host_state is not None
-            if swa_ok and state_ok:
-                usable = i + 1
+        """How many of ``nodes`` form the longest prefix every part can use (for SWA: its last
+        window has SWA KV on device or host; for recurrent layers: it ends at a snapshot)."""
+        ok: list[bool] | None = None
+        for part in self.parts:
+            mask = part.usable(nodes)
+            if mask is not None:
+                ok = mask if ok is None else [a and b for a, b in zip(ok, mask, strict=True)]
+        if ok is None:
+            return len(nodes)
+        usable = len(ok)
+        while usable and not ok[usable - 1]:
+            usable -= 1
         return usable
 
     def _common_len(self, key: list[int], tokens: list[int], pos: int, limit: int) -> int:
@@ -231,40 +276,39 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
                 hi = mid
         return lo * ps
 
-    def _split(self, node: Node, k: int) -> Node:
+    def split(self, node: Node, k: int) -> Node:
         """Split ``node`` after ``k`` tokens; return the new upper part (``node`` keeps the rest).
 
         Both parts inherit the lock counts: every lock covers whole nodes (locks split the
         node at their window start), so a lock on the node is a lock on both parts.
         """
-        ps = self.page_size
+        ps, parent = self.page_size, node.parent
+        ensure(parent is not None and 0 < k < len(node), "a split outside a node")
         upper = Node(
             uid=next(self._uids),
             key=node.key[:k],
             start=node.start,
-            parent=node.parent,
-            full=None if node.full is None else node.full[:k],
-            swa=node.swa,
-            host_full=None if node.host_full is None else node.host_full[:k],
-            host_swa=None if node.host_swa is None else node.host_swa[:k],
+            parent=parent,
             full_lock=node.full_lock,
-            swa_lock=node.swa_lock,
-            host_lock=node.host_lock,
             last_access=node.last_access,
             hit_count=node.hit_count,
         )
-        assert node.parent is not None
-        node.parent.children[tuple(node.key[:ps])] = upper
+        for part in self.parts:
+            part.on_split(upper, node, k)
+        parent.children[tuple(node.key[:ps])] = upper
         node.key = node.key[k:]
-        node.full = None if node.full is None else node.full[k:]
-        node.host_full = None if node.host_full is None else node.host_full[k:]
-        node.host_swa = None if node.host_swa is None else node.host_swa[k:]
         node.start += k
         node.parent = upper
         upper.children[tuple(node.key[:ps])] = node
         self._live += 1
-        self._queue_swa(upper)
         return upper
+
+    def split_at(self, node: Node, pos: int) -> None:
+        """Make ``pos`` a node boundary on the path to ``node``."""
+        for n in node.path():
+            if n.start < pos < n.end:
+                self.split(n, pos - n.start)
+                return
 
     # ---------------------------------------------------------------- locks
 
@@ -273,39 +317,29 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         ``swa_start`` on (default: the node's last window; a request sliding past its prefix
         pins less, one whose prefix is still to be loaded back pins the final window). A
         tombstone in that range is pinned too: it is about to get its SWA KV back."""
-        if self.window is None or node is self.root:
+        if self.swa_part is None or node is self.root:
             swa_start = node.end
         else:
-            if swa_start is None:
-                swa_start = max(0, node.end - self.window)
-                swa_start -= swa_start % self.page_size
-            swa_start = min(swa_start, node.end)
-            self._split_at(node, swa_start)
-        for n in node.path():
-            if n.full_lock == 0:
-                self.evictable_full -= len(n)
+            swa_start = self.swa_part.lock_start(node, swa_start)
+        handle = LockHandle(node, swa_start)
+        path = node.path()
+        locked = [n for n in path if n.full_lock == 0]
+        for n in path:
             n.full_lock += 1
-            if n.start >= swa_start:
-                if n.swa_lock == 0 and n.swa:
-                    self.evictable_swa -= len(n)
-                n.swa_lock += 1
-        return LockHandle(node, swa_start)
+        for part in self.parts:
+            part.on_lock(handle, locked)
+        return handle
 
     def dec_lock(self, handle: LockHandle) -> None:
         """Undo :meth:`inc_lock`."""
-        for n in handle.node.path():
+        path = handle.node.path()
+        # NOTE: a path's lock counts only grow upward: its first node has the smallest.
+        ensure(not path or path[0].full_lock > 0, "unlocking an unlocked node")
+        for n in path:
             n.full_lock -= 1
-            if n.full_lock == 0:
-                self.evictable_full += len(n)
-                self._queue_full(n)
-                if n.host_full is not None:
-                    self._queue_host(n)
-            if n.start >= handle.swa_start:
-                n.swa_lock -= 1
-                if n.swa_lock == 0 and n.swa:
-                    self.evictable_swa += len(n)
-                    self._swa_lru.push(n)
-            assert n.full_lock >= 0 and n.swa_lock >= 0, "unlocking an unlocked node"
+        unlocked = [n for n in path if n.full_lock == 0]
+        for part in self.parts:
+            part.on_unlock(handle, unlocked)
 
     def slide_swa_locks(self, handles: list[LockHandle], starts: list[int]) -> list[LockHandle]:
         """Move each lock's SWA pin forward to ``starts[i]`` (at most its node's end), in one
@@ -314,30 +348,8 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         Equivalent to ``inc_lock(node, start)`` then ``dec_lock(handle)``, without walking
         each path twice or touching its full locks. Returns the new handles.
         """
-        moved = []
-        for handle, start in zip(handles, starts, strict=True):
-            node, old = handle.node, handle.swa_start
-            start = min(start, node.end)
-            assert start >= old, "an SWA pin only slides forward"
-            self._split_at(node, start)
-            for n in node.path():
-                if n.start < old:
-                    break
-                if n.start < start:
-                    n.swa_lock -= 1
-                    assert n.swa_lock >= 0, "unlocking an unlocked node"
-                    if n.swa_lock == 0 and n.swa:
-                        self.evictable_swa += len(n)
-                        self._swa_lru.push(n)
-            moved.append(LockHandle(node, start))
-        return moved
-
-    def _split_at(self, node: Node, pos: int) -> None:
-        """Make ``pos`` a node boundary on the path to ``node``."""
-        for n in node.path():
-            if n.start < pos < n.end:
-                self._split(n, pos - n.start)
-                return
+        ensure(self.swa_part is not None, "sliding SWA locks of a model without SWA")
+        return self.swa_part.slide_locks(handles, starts)
 
     # ---------------------------------------------------------------- insert
 
@@ -356,122 +368,236 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
         (where duplicates were freed, they differ from ``slots``).
         """
         ps, n = self.page_size, len(tokens)
-        assert n % ps == 0 and slots.numel() == n and own_from % ps == 0 and swa_from % ps == 0
-        windowed = self.window is not None
+        ensure(
+            n % ps == 0 and slots.numel() == n and own_from % ps == 0 and swa_from % ps == 0,
+            "an insert of partial pages",
+        )
         self._clock += 1
         node, pos = self.root, 0
         dups: list[torch.Tensor] = []
-        path: list[torch.Tensor] = [self.root.full]
         while pos < n:
             child = node.children.get(tuple(tokens[pos : pos + ps]))
             if child is None:
-                node = self._add_path(node, tokens, slots, pos, swa_from if windowed else n)
-                path.append(slots[pos:])
+                node = self._add_path(node, tokens, slots, pos, swa_from)
                 break
             m = self._common_len(child.key, tokens, pos, n)
             if m < len(child):
-                child = self._split(child, m)
+                child = self.split(child, m)
             lo = max(pos, own_from)
-            if lo < child.end and not child.on_device:
+            if lo < child.end:
+                adopted = not child.on_device
                 # A host-only copy of these tokens: the caller's slots become its device copy.
-                assert lo == child.start, "a host-only node inside the caller's locked prefix"
-                if windowed and child.start < swa_from < child.end:
-                    upper = self._split(child, swa_from - child.start)
-                    self._adopt_full(upper, slots, swa=False)
-                    path.append(upper.full)
-                self._adopt_full(child, slots, swa=windowed and child.start >= swa_from)
-            elif lo < child.end:
-                adopt_from = max(lo, swa_from)
-                if windowed and not child.swa and adopt_from < child.end:
-                    if adopt_from > child.start:
-                        upper = self._split(child, adopt_from - child.start)
+                ensure(not adopted or lo == child.start, "a host-only node in a locked prefix")
+                cached = [child]
+                if self.swa_part is not None:
+                    upper = self.swa_part.cut(child, max(lo, swa_from))
+                    if upper is not None:
                         upper.last_access = self._clock
-                        path.append(upper.full)
-                    self.allocator.adopt_swa(child.full, slots[child.start : child.end])
-                    child.swa = True
-                    self.cached_swa += len(child)
-                    if child.swa_lock == 0:
-                        self.evictable_swa += len(child)
-                        self._swa_lru.push(child)
-                dups.append(slots[lo : child.end])
+                        if adopted:
+                            cached.insert(0, upper)
+                if not adopted:
+                    dups.append(slots[lo : child.end])
+                for c in cached:
+                    for part in self.parts:
+                        part.on_cache(c, slots, swa_from, adopted)
             child.last_access = self._clock
-            path.append(child.full)
             node, pos = child, child.end
         if dups:
             self.allocator.free(torch.cat(dups))
-        if self.host is not None and self.host.write_policy == "write_through":
-            self._backup([node])
-        return node, torch.cat(path)
-
-    def _adopt_full(self, node: Node, slots: torch.Tensor, swa: bool) -> None:
-        """Give a host-only node the caller's device slots of its tokens."""
-        node.full = slots[node.start : node.end]
-        node.swa = swa
-        self.cached_full += len(node)
-        self.evictable_full += len(node) if node.full_lock == 0 else 0
-        if swa:
-            self.cached_swa += len(node)
-            self.evictable_swa += len(node) if node.swa_lock == 0 else 0
-        self._queue_full(node)
-        self._queue_swa(node)
+        for part in self.parts:
+            part.on_inserted(node)
+        return node, self.prefix_slots(node)
 
     def _add_path(
         self, parent: Node, tokens: list[int], slots: torch.Tensor, pos: int, swa_from: int
     ) -> Node:
-        """Hang ``tokens[pos:]`` under ``parent``: a tombstone up to ``swa_from``, then present."""
-        cuts = sorted({pos, min(max(swa_from, pos), len(tokens)), len(tokens)})
+        """Hang ``tokens[pos:]`` under ``parent`` (with SWA: a tombstone up to ``swa_from``,
+        then present)."""
+        end = len(tokens)
+        cuts = {pos, end}
+        if self.swa_part is not None:
+            cuts.add(min(max(swa_from, pos), end))
         grew = parent if not parent.children else None
-        for a, b in itertools.pairwise(cuts):
+        added = []
+        for a, b in itertools.pairwise(sorted(cuts)):
             child = Node(
                 uid=next(self._uids),
                 key=tokens[a:b],
                 start=a,
                 parent=parent,
-                full=slots[a:b],
-                swa=self.window is not None and a >= swa_from,
                 last_access=self._clock,
             )
             parent.children[tuple(tokens[a : a + self.page_size])] = child
-            self.cached_full += b - a
-            self.evictable_full += b - a
-            if child.swa:
-                self.cached_swa += b - a
-                self.evictable_swa += b - a
-                self._swa_lru.push(child)
+            added.append(child)
             parent = child
-        self._live += len(cuts) - 1
-        self._full_lru.push(parent)
+        self._live += len(added)
+        for child in added:
+            for part in self.parts:
+                part.on_cache(child, slots, swa_from, True)
         if grew is not None:
-            self._on_branch_grew(grew)
+            self._branch_grew(grew)
         return parent
 
-    def _detach(self, node: Node) -> None:
+    # ---------------------------------------------------------------- drop
+
+    def add_host_node(self, parent: Node, node: Node) -> None:
+        """Hang a new host-only ``node`` (its host values set) under ``parent``."""
+        grew = parent if not parent.children else None
+        parent.children[tuple(node.key[: self.page_size])] = node
+        self._live += 1
+        if grew is not None:
+            self._branch_grew(grew)
+
+    def new_node(self, key: list[int], start: int, parent: Node) -> Node:
+        """A node (not yet linked) accessed now."""
+        return Node(
+            uid=next(self._uids), key=key, start=start, parent=parent, last_access=self._clock
+        )
+
+    def touch(self) -> None:
+        """Advance the LRU clock (an access that is not a match or an insert)."""
+        self._clock += 1
+
+    def drop(self, victims: list[Node], dropped: list[torch.Tensor]) -> None:
+        """Drop the device KV of unlocked device leaves ``victims`` (their full slots are
+        queued on ``dropped`` for freeing); a node left without KV anywhere leaves the tree."""
+        for part in self.parts:
+            part.before_drop(victims)
+        for node in victims:
+            ensure(node.on_device and node.full_lock == 0, "dropping a locked or host-only node")
+            dropped.append(node.full)
+            for part in self.parts:
+                part.on_drop(node)
+            parent = node.parent
+            if not node.on_host:
+                ensure(not node.children, "a node without KV anywhere has children")
+                self.detach(node)
+            self.full_part.queue(parent)
+
+    def detach(self, node: Node) -> None:
         """Remove a node with no KV anywhere (and no children) from the tree."""
         parent = node.parent
-        assert parent is not None and not node.children
+        ensure(parent is not None and not node.children, "detaching an inner node")
         del parent.children[tuple(node.key[: self.page_size])]
         node.parent = None
         self._live -= 1
         self._dead += 1
         if self._dead > self._live + 64:
             # NOTE: entries of detached nodes could outnumber the live ones: drop them.
-            for heap in self._heaps():
-                heap.compact()
+            for part in self.parts:
+                for heap in part.heaps():
+                    heap.compact()
             self._dead = 0
         if len(parent.children) == 1:
-            self._on_branch_grew(parent)
+            self._branch_grew(parent)
 
-    def _heaps(self) -> tuple[LazyHeap, ...]:
-        return (
-            self._full_lru,
-            self._swa_lru,
-            self._swa_kept,
-            self._host_lru,
-            self._state_lru,
-            self._host_state_lru,
-        )
+    def _branch_grew(self, node: Node) -> None:
+        for part in self.parts:
+            part.on_branch_grew(node)
 
-    def _nodes(self) -> list[Node]:
+    # ---------------------------------------------------------------- evict
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        """Free at least ``params.full`` / ``params.swa`` device tokens if that many are evictable.
+
+        Full eviction drops unlocked device leaves in LRU order, cascading to parents that
+        become leaves (:class:`FullPart`); SWA eviction then tombstones or drops by the SWA
+        policy (:class:`SWAPart`). A dropped node with a host copy stays, host-only; under
+        ``write_back`` victims are backed up first. All victims are freed with one call per
+        pool; candidates come from the parts' LRU heaps, no scan of the tree.
+        """
+        full0, swa0 = self.cached_full, self.cached_swa
+        dropped: list[torch.Tensor] = []
+        tombstoned: list[Node] = []
+        self.full_part.evict(params.full, dropped)
+        if self.swa_part is not None:
+            self.swa_part.evict(params.swa - (swa0 - self.cached_swa), dropped, tombstoned)
+        if tombstoned:
+            for part in self.parts:
+                part.on_tombstone(tombstoned)
+            self.allocator.free_swa(torch.cat([n.full for n in tombstoned]), whole_pages=True)
+        if dropped:
+            self.allocator.free(torch.cat(dropped), whole_pages=True)
+        return EvictResult(full0 - self.cached_full, swa0 - self.cached_swa)
+
+    # ---------------------------------------------------------------- states
+
+    def attach_state(self, node: Node, slot: int, owned: bool = False) -> bool:
+        """Give ``node`` a snapshot of the state in ``slot``: a copy, or the slot itself when
+        ``owned`` (the caller hands it over). False when no slot can be had (it is a cache).
+        """
+        ensure(self.state_part is not None, "a snapshot in a tree without recurrent state")
+        attached = self.state_part.attach(node, slot, owned)
+        if attached and self.host_part is not None:
+            self.host_part.on_snapshot(node)
+        return attached
+
+    def alloc_state(self) -> int | None:
+        """One state slot, evicting the least recently used snapshot if none is free."""
+        ensure(self.state_part is not None, "a snapshot in a tree without recurrent state")
+        if self.state_part.free_count == 0 and self.evict_states(1) and self.host is not None:
+            # NOTE: the victim may have been backed up on the side stream just now: the slot
+            # is overwritten on the engine's stream, after that copy.
+            self.host.transfers.wait_backups()
+        return self.state_part.alloc()
+
+    def evict_states(self, count: int) -> int:
+        """Drop at least ``count`` unpinned snapshots, least recently used first (backing them
+        up first under write-back). Returns how many were dropped."""
+        if count <= 0 or self.state_part is None:
+            return 0
+        victims = self.state_part.pick(count)
+        if self.host_part is not None:
+            self.host_part.before_state_drop(victims)
+        self.state_part.free(victims)
+        return len(victims)
+
+    def pin_state(self, node: Node, delta: int) -> None:
+        """Pin (``+1``) or unpin (``-1``) ``node``'s snapshot: a copy from it is pending."""
+        if self.state_part is not None:
+            self.state_part.pin(node, delta)
+
+    def load_state(self, node: Node) -> bool:
+        """Bring ``node``'s snapshot back from host if it is only there; False if no slot."""
+        if node.state is not None:
+            return True
+        return self.host_part is not None and self.host_part.load_state(node)
+
+    def state_slots(self) -> list[int]:
+        """The device state slots the tree holds (for the manager's conservation check)."""
+        return [] if self.state_part is None else self.state_part.held()
+
+    # ---------------------------------------------------------------- host
+
+    def load_back(self, ends: list[Node]) -> int:
+        """Copy what the prefixes ending at ``ends`` lack on device back from host (see
+        :meth:`HostPart.load_back`). Returns the full tokens loaded."""
+        ensure(self.host_part is not None, "a load back without a host tier")
+        return self.host_part.load_back(ends)
+
+    def prefetch(
+        self, tokens: list[int], limit: int, reduce_min: Callable[[list[int]], list[int]]
+    ) -> int:
+        """Read what storage holds of ``tokens[:limit]`` beyond the tree into host memory
+        (see :meth:`HostPart.prefetch`). Returns the tokens prefetched."""
+        if self.host_part is None:
+            return 0
+        return self.host_part.prefetch(tokens, limit, reduce_min)
+
+    def pin_host(self, end: Node, start: int, delta: int) -> None:
+        """Pin (``+1``) or unpin (``-1``) the host copies of positions ``[start, end.end)`` on
+        the path to ``end`` (see :meth:`HostPart.pin`)."""
+        if self.host_part is not None:
+            self.host_part.pin(end, start, delta)
+
+    def evict_host(self, full: int, swa: int = 0) -> int:
+        """Free at least ``full`` host tokens (and ``swa`` host SWA tokens) if evictable.
+        Returns host full tokens freed."""
+        return 0 if self.host_part is None else self.host_part.evict(full, swa)
+
+    # ---------------------------------------------------------------- check
+
+    def nodes(self) -> list[Node]:
         """Every node but the root, parents before children."""
         out: list[Node] = []
         stack = list(self.root.children.values())
@@ -481,66 +607,30 @@ class RadixTree(EvictionMixin, HostMixin, StateMixin):
             stack.extend(node.children.values())
         return out
 
-    # ---------------------------------------------------------------- check
-
     def cached_slots(self) -> torch.Tensor:
         """Full slots of every cached token (for the manager's conservation check)."""
-        slots = [n.full for n in self._nodes() if n.full is not None]
+        slots = [n.full for n in self.nodes() if n.full is not None]
         return torch.cat(slots) if slots else self.root.full
 
     def check(self) -> None:
-        """Assert the tree's structure, counters, lock counts and host invariants."""
-        ps = self.page_size
-        cached_full = cached_swa = evictable_full = evictable_swa = host_full = host_swa = 0
-        swa_map = self.allocator.full_to_swa
-        for node in self._nodes():
-            parent = node.parent
-            assert parent is not None and parent.children[tuple(node.key[:ps])] is node
-            assert len(node) > 0 and len(node) % ps == 0 and node.start == parent.end
-            assert node.on_device or node.on_host, "a node with no KV anywhere"
-            assert node.full_lock >= 0 and node.swa_lock >= 0 and node.host_lock >= 0
-            assert parent is self.root or parent.full_lock >= node.full_lock, "lock not on a path"
-            if node.on_host:
-                assert node.host_full.numel() == len(node)
-                assert parent is self.root or parent.on_host, "a backup whose parent has none"
-                host_full += len(node)
-            if node.host_swa is not None:
-                assert node.on_host and node.host_swa.numel() == len(node)
-                host_swa += len(node)
-            if not node.on_device:
-                assert not node.swa and node.full_lock == 0, "a locked or SWA host-only node"
-                continue
-            assert node.full.numel() == len(node)
-            assert parent is self.root or parent.on_device, "a device node under a host-only one"
-            cached_full += len(node)
-            evictable_full += len(node) if node.full_lock == 0 else 0
-            if self.window is None:
-                assert not node.swa and node.swa_lock == 0 and node.host_swa is None
-                continue
-            mapped = swa_map[node.full] != 0
-            assert bool(mapped.all()) if node.swa else not bool(mapped.any()), "SWA map mismatch"
-            if node.swa:
-                cached_swa += len(node)
-                evictable_swa += len(node) if node.swa_lock == 0 else 0
-        assert (cached_full, cached_swa) == (self.cached_full, self.cached_swa), "cached counters"
-        assert (evictable_full, evictable_swa) == (self.evictable_full, self.evictable_swa), (
-            "evictable counters"
-        )
-        assert (host_full, host_swa) == (self.host_cached_full, self.host_cached_swa), "host"
-        if self.host is not None:
-            self._check_host_pages()
-        if self.states is not None:
-            self._check_states()
-        self._check_lru()
+        """Verify the tree's structure and locks, then every part's invariants.
 
-    def _check_host_pages(self) -> None:
-        """Every host page is free or held by exactly one node."""
+        Raises :class:`CheckError` on the first violation.
+        """
         ps = self.page_size
-        pools = [(self.host.full, [n.host_full for n in self._nodes() if n.on_host])]
-        if self.host.swa is not None:
-            swa = [n.host_swa for n in self._nodes() if n.host_swa is not None]
-            pools.append((self.host.swa, swa))
-        for pool, held in pools:
-            pages = [pool.allocator.free_pages_view()] + [s[::ps] // ps for s in held]
-            count = torch.bincount(torch.cat(pages), minlength=pool.allocator.num_pages)
-            assert int(count[0]) == 0 and bool((count[1:] == 1).all()), "host pages lost or shared"
+        nodes = self.nodes()
+        ensure(self._live == len(nodes), "live node count")
+        for node in nodes:
+            parent = node.parent
+            ensure(
+                parent is not None and parent.children.get(tuple(node.key[:ps])) is node,
+                "a node not under its parent",
+            )
+            ensure(len(node) > 0 and len(node) % ps == 0, "a node of partial pages")
+            ensure(node.start == parent.end, "a node not starting at its parent's end")
+            ensure(node.on_device or node.on_host, "a node with no KV anywhere")
+            ensure(node.full_lock >= 0, "a negative full lock")
+            ensure(parent is self.root or parent.full_lock >= node.full_lock, "lock not on a path")
+            ensure(node.on_device or node.full_lock == 0, "a locked host-only node")
+        for part in self.parts:
+            part.check(nodes)
