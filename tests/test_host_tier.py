@@ -20,6 +20,7 @@ import torch
 
 import hybridkv.allocator.host as host_mod
 from hybridkv import CacheConfig, MemoryManager, Request
+from hybridkv.errors import CheckError
 from hybridkv.scheduler.adder import PrefillAdder
 from hybridkv.scheduler.cost import Cost, cost
 from hybridkv.sim.engine import FakeEngine
@@ -282,6 +283,31 @@ def test_load_back_one_copy_per_pool_rebuilds_the_map_exactly() -> None:
     assert not nodes[(0, 24)].swa and nodes[(24, 40)].swa
     f2s = mm.allocator.full_to_swa
     assert not bool(f2s[nodes[(0, 24)].full].any()) and bool(f2s[nodes[(24, 40)].full].all())
+    assert_kv(mm, tokens)
+    check(mm)
+
+
+def test_load_back_short_of_swa_pages_takes_nothing() -> None:
+    """A load back is all or nothing: when the SWA pool cannot give the window's pages, the
+    full pages it took go back, every node stays host-only, and ``CheckError`` says why
+    (before, the full pages leaked behind an ``assert``)."""
+    mm = MemoryManager(config(write_policy="write_through"))
+    tokens = seq(40)
+    insert(mm, tokens)
+    mm.tree.evict(EvictParams(full=40))
+    match = mm.tree.match_prefix(tokens)
+    assert match.host_hit_length == 40 and match.swa_host_hit_length == WINDOW
+    swa = mm.allocator.swa
+    held = swa.alloc_pages(swa.free_page_count - 1)  # the window needs 4 SWA pages
+    full0, stack0 = mm.allocator.full_available, mm.allocator.full.free_pages_view().clone()
+    with pytest.raises(CheckError, match="load back without room"):
+        mm.tree.load_back([match.last_host_node])
+    assert mm.allocator.full_available == full0
+    assert torch.equal(mm.allocator.full.free_pages_view(), stack0)
+    assert all(not n.on_device and not n.swa for n in mm.tree.nodes())
+    check(mm)
+    swa.free_pages(held)
+    assert mm.tree.load_back([match.last_host_node]) == 40
     assert_kv(mm, tokens)
     check(mm)
 

@@ -16,7 +16,7 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator import HostPool
-from hybridkv.errors import ensure
+from hybridkv.errors import CheckError, ensure
 from hybridkv.tree.lru import LazyHeap, pop_unheld
 from hybridkv.tree.node import Node
 from hybridkv.tree.parts import LockHandle, Part
@@ -323,9 +323,7 @@ class HostPart(Part):
         full_nodes, swa_nodes = list(full_nodes.values()), list(swa_nodes.values())
         n_full = sum(len(n) for n in full_nodes) // ps
         n_swa = sum(len(n) for n in swa_nodes) // ps
-        dev_pages = alloc.full.alloc_pages(n_full)
-        swa_pages = alloc.swa.alloc_pages(n_swa) if alloc.has_swa else dev_pages[:0]
-        ensure(dev_pages is not None and swa_pages is not None, "load back without room")
+        dev_pages, swa_pages = self._take_device_pages(n_full, n_swa)
         host_full = torch.cat([_pages(n.host_full, ps) for n in full_nodes]) if n_full else None
         host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes]) if n_swa else None
         views = {False: host.kv.page_view(False), True: host.kv.page_view(True)}
@@ -350,6 +348,21 @@ class HostPart(Part):
             swa.restore(n)
         self.loaded_swa_tokens += n_swa * ps
         return n_full * ps
+
+    def _take_device_pages(self, n_full: int, n_swa: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n_full`` full and ``n_swa`` SWA device pages for a load back, all or nothing:
+        when a pool is short, what was taken goes back and ``CheckError`` is raised (the
+        caller made room: admission counted it), nothing else changed."""
+        alloc = self.tree.allocator
+        full = alloc.full.alloc_pages(n_full)
+        swa = None
+        if full is not None:
+            swa = alloc.swa.alloc_pages(n_swa) if alloc.has_swa else full[:0]
+            if swa is None:
+                alloc.full.free_pages(full)
+        if full is None or swa is None:
+            raise CheckError(f"load back without room: {n_full} full, {n_swa} SWA pages")
+        return full, swa
 
     def _load_by_layer(
         self,
