@@ -8,7 +8,10 @@ prefix exactly where they share page ids.
 
 from __future__ import annotations
 
+import ast
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from hypothesis.stateful import (
 )
 
 from hybridkv.allocator import SWAAllocator
+from hybridkv.errors import CheckError
 from hybridkv.tree import EvictParams, EvictResult, LockHandle, MatchResult, Node, RadixTree, radix
 
 # ------------------------------------------------------------------------------- helpers
@@ -855,3 +859,51 @@ def test_window_eviction_beats_lru_on_branch_hits() -> None:
     assert total == total_lru
     print(f"\nSWA hit rate: window {win_hit / total:.3f}  lru {lru_hit / total:.3f}")
     assert win_hit > lru_hit
+
+
+def _drift_counter(tree: RadixTree) -> None:
+    tree.full_part.cached += 2
+
+
+def _unmap_swa(tree: RadixTree) -> None:
+    next(iter(tree.root.children.values())).swa = False
+
+
+def _lose_lru(tree: RadixTree) -> None:
+    tree.full_part.lru.heap.clear()
+    tree.full_part.lru.queued.clear()
+
+
+def _negative_lock(tree: RadixTree) -> None:
+    next(iter(tree.root.children.values())).swa_lock = -1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [
+        (_drift_counter, "full counters"),
+        (_unmap_swa, "SWA map mismatch"),
+        (_lose_lru, "full LRU misses a candidate"),
+        (_negative_lock, "a negative SWA lock"),
+    ],
+)
+def test_check_raises_check_error(break_it: Callable[[RadixTree], None], message: str) -> None:
+    """A broken invariant is a CheckError from check() (an assert would vanish under -O)."""
+    alloc, tree = make_tree(2, 4)
+    insert_new(tree, alloc, pages(2, 1, 2, 3))
+    tree.check()
+    break_it(tree)
+    with pytest.raises(CheckError, match=message):
+        tree.check()
+
+
+def test_tree_package_has_no_bare_assert() -> None:
+    """Invariants in hybridkv.tree go through ``ensure``: no ``assert`` statement."""
+    tree_dir = Path(radix.__file__).parent
+    found = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(tree_dir.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, found
