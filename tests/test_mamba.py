@@ -355,6 +355,29 @@ def test_state_eviction_is_lru_and_never_takes_a_pinned_snapshot() -> None:
     mm.check()
 
 
+def test_dropping_a_node_whose_snapshot_is_pinned_is_refused() -> None:
+    """Full eviction never frees a pinned snapshot: dropping its node raises CheckError and
+    changes nothing (the node stays a candidate); the pinned count that admission's rooms
+    subtract follows pins and unpins (before, the drop freed the pinned snapshot)."""
+    mm = MemoryManager(mamba_config(swa_layer_ids=(), page_size=4, state_slots=3))
+    tree = mm.tree
+    node = _insert_with_snapshot(mm, list(range(10, 14)), 1.0)
+    free0, rooms0 = mm.states.available, mm.admission.rooms()
+    tree.pin_state(node, +1)
+    tree.pin_state(tree.root, +1)  # a match of nothing pins the root: no snapshot there
+    assert tree.pinned_states == 1 and mm.admission.rooms().state == rooms0.state - 1
+    with pytest.raises(CheckError, match="snapshot is pinned"):
+        tree.evict(EvictParams(full=4))
+    assert node.on_device and node.state is not None and mm.states.available == free0
+    assert torch.equal(device_state(mm, node.state), torch.full((2, 2, 3), 1.0))
+    tree.check()
+    tree.pin_state(tree.root, -1)
+    tree.pin_state(node, -1)
+    assert tree.pinned_states == 0
+    assert tree.evict(EvictParams(full=4)).full == 4 and node.state is None
+    mm.check()
+
+
 @pytest.mark.parametrize("slots", [3, 4])
 @pytest.mark.parametrize("ps", [1, 4, 16])
 def test_tight_state_pool_evicts_snapshots_and_completes(ps: int, slots: int) -> None:

@@ -67,7 +67,8 @@ class Part(Protocol):
 
     def before_drop(self, victims: list[Node]) -> None:
         """The device KV of ``victims`` (unlocked leaves) is about to be dropped; nothing
-        is changed yet, so a part may refuse (``CheckError``) or copy it first."""
+        is changed yet, so a part may refuse (``CheckError``; parts that refuse come before
+        parts that copy) or copy it first."""
 
     def on_drop(self, node: Node) -> None:
         """``node``'s device KV is being dropped (its full slots are not freed yet)."""

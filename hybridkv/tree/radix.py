@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridkv.allocator import StatePool, SWAAllocator
-from hybridkv.errors import ensure
+from hybridkv.errors import CheckError, ensure
 from hybridkv.tree.full import FullPart
 from hybridkv.tree.host import HostPart
 from hybridkv.tree.node import Node
@@ -460,9 +460,19 @@ class RadixTree:
 
     def drop(self, victims: list[Node], dropped: list[torch.Tensor]) -> None:
         """Drop the device KV of unlocked device leaves ``victims`` (their full slots are
-        queued on ``dropped`` for freeing); a node left without KV anywhere leaves the tree."""
-        for part in self.parts:
-            part.before_drop(victims)
+        queued on ``dropped`` for freeing); a node left without KV anywhere leaves the tree.
+
+        A part may refuse (``CheckError``, e.g. a pinned snapshot): then nothing changed, and
+        the victims are queued as eviction candidates again."""
+        try:
+            for part in self.parts:
+                part.before_drop(victims)
+        except CheckError:
+            for node in victims:
+                self.full_part.lru.push(node)
+                if self.swa_part is not None:
+                    self.swa_part.queue(node)
+            raise
         for node in victims:
             ensure(node.on_device and node.full_lock == 0, "dropping a locked or host-only node")
             dropped.append(node.full)
