@@ -184,6 +184,47 @@ def test_write_back_backs_up_exactly_at_eviction() -> None:
     check(mm)
 
 
+def test_write_back_copies_swa_to_host_before_tombstoning() -> None:
+    """write_back: SWA pressure tombstones a node only after copying its SWA KV (and its
+    full KV: host copies stay rooted) to host, so a later match still hits the whole prefix
+    and loads the window's SWA back (before, the SWA KV went without a copy and the match
+    had no usable window)."""
+    mm = MemoryManager(config(write_policy="write_back"))
+    tokens = seq(40)
+    insert(mm, tokens)
+    assert mm.tree.backed_up_tokens == 0
+    freed = mm.tree.evict(EvictParams(swa=40))
+    assert (freed.full, freed.swa) == (0, 40)
+    assert mm.tree.cached_full == 40 and mm.tree.cached_swa == 0
+    assert mm.tree.host_cached_swa == 40 and mm.tree.host_cached_full == 40
+    check(mm)
+    match = mm.tree.match_prefix(tokens)
+    assert (match.length, match.host_hit_length, match.swa_host_hit_length) == (40, 0, WINDOW)
+    assert mm.tree.load_back([match.last_host_node]) == 0
+    assert_kv(mm, tokens)
+    check(mm)
+
+
+def test_write_back_tombstone_of_a_backed_up_node_copies_only_its_swa() -> None:
+    """A node already on host without host SWA (backed up while tombstoned, its SWA adopted
+    since) gets just its SWA KV copied when it is tombstoned again."""
+    mm = MemoryManager(config(write_policy="write_back"))
+    tokens = seq(24)
+    node = insert(mm, tokens, swa_from=24)  # all tombstoned
+    assert mm.tree.host_part.backup([node]) == 24 and node.host_swa is None
+    insert(mm, tokens)  # a duplicate with SWA: the tree adopts it
+    assert node.swa and node.host_swa is None
+    backed = mm.tree.backed_up_tokens
+    assert mm.tree.evict(EvictParams(swa=24)).swa == 24
+    assert node.host_swa is not None and mm.tree.backed_up_tokens == backed
+    check(mm)
+    match = mm.tree.match_prefix(tokens)
+    assert (match.length, match.swa_host_hit_length) == (24, WINDOW)
+    mm.tree.load_back([match.last_host_node])
+    assert_kv(mm, tokens)
+    check(mm)
+
+
 def test_backup_of_child_backs_up_its_tombstone_parent_first() -> None:
     """A tombstone-boundary split leaves a parent without a host copy under its child:
     backing up the child (write_back eviction) backs the parent up first (SGLang PR 25065
@@ -612,8 +653,8 @@ def test_swa_tight_full_roomy_never_evicts_full(policy: str) -> None:
     assert set(d.evicted_full) == {0}
     assert d.mm.stats()["evicted_swa_tokens"] > 0
     swa_loads = sum(1 for length, full, swa in d.matches if swa and not full and length)
-    # write_back never evicts full KV here, so it never backs anything up.
-    assert (swa_loads > 0) == (policy != "write_back")
+    # write_back never evicts full KV here: what it backs up is the SWA KV it tombstones.
+    assert swa_loads > 0
 
 
 # ------------------------------------------------------------------ storage

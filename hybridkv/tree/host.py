@@ -78,6 +78,17 @@ class HostPart(Part):
         if self.host.write_policy == "write_back":
             self.backup([n for n in victims if not n.on_host])
 
+    def on_tombstone(self, nodes: list[Node]) -> None:
+        """Under write-back, copy the SWA KV of tombstoned ``nodes`` to host while it is
+        still mapped (with their full KV where they have no host copy: host copies stay
+        rooted), so that a later host hit can load the window back. Best effort, as every
+        backup: what the host cannot take even after host eviction is not copied."""
+        if self.host.write_policy != "write_back" or self.host.swa is None:
+            return
+        tombstoned = {n.uid for n in nodes}
+        self.backup([n for n in nodes if not n.on_host], tombstoned)
+        self._backup_swa([n for n in nodes if n.on_host and n.host_swa is None])
+
     def on_snapshot(self, node: Node) -> None:
         """``node`` got a device snapshot: under a write-through policy, back it up if the
         node is backed up."""
@@ -91,15 +102,21 @@ class HostPart(Part):
 
     # ---------------------------------------------------------------- backup
 
-    def backup(self, nodes: list[Node]) -> int:
+    def backup(self, nodes: list[Node], tombstoned: set[int] | None = None) -> int:
         """Copy the device KV of ``nodes`` and of their un-backed ancestors to host.
 
         Parents go first (SGLang PR 25065 skipped a child whose parent had no host copy,
         and dropped it at eviction). Stops at the first node the host pool cannot take
         even after host eviction, which keeps the backed-up set rooted. One copy per pool.
-        Returns the tokens backed up.
+        ``tombstoned``: uids of nodes just tombstoned whose SWA KV, still mapped, is copied
+        too. Returns the tokens backed up.
         """
         host, ps = self.host, self.page_size
+        just = tombstoned or set()
+
+        def has_swa(n: Node) -> bool:
+            return n.swa or n.uid in just
+
         todo: list[Node] = []
         seen: set[int] = set()
         for node in nodes:
@@ -114,13 +131,13 @@ class HostPart(Part):
         for n in pinned:
             n.host_lock += 1
         need = sum(len(n) for n in todo)
-        need_swa = sum(len(n) for n in todo if n.swa)
+        need_swa = sum(len(n) for n in todo if has_swa(n))
         self.evict(need - host.full.available, need_swa - self._swa_available())
         for n in pinned:
             n.host_lock -= 1
         fits, full_left, swa_left = [], host.full.available, self._swa_available()
         for n in todo:
-            swa_n = len(n) if n.swa else 0
+            swa_n = len(n) if has_swa(n) else 0
             if len(n) > full_left or swa_n > swa_left:
                 break
             fits.append(n)
@@ -131,20 +148,14 @@ class HostPart(Part):
             dev_pages = torch.cat([_pages(n.full, ps) for n in fits])
             host_pages = host.full.backup(host.kv.page_view(False), dev_pages)
             ensure(host_pages is not None, "a host backup without room")
-            with_swa = [n for n in fits if n.swa]
-            swa_pages = None
-            if with_swa:
-                dev_swa = torch.cat(
-                    [_pages(self.tree.allocator.translate(n.full), ps) for n in with_swa]
-                )
-                swa_pages = host.swa.backup(host.kv.page_view(True), dev_swa)
-                ensure(swa_pages is not None, "a host SWA backup without room")
+            with_swa = [n for n in fits if has_swa(n)]
+            swa_pages = self._copy_swa(with_swa) if with_swa else None
         offset = swa_offset = 0
         for n in fits:
             k = len(n) // ps
             n.host_full = _slots(host_pages[offset : offset + k], ps)
             offset += k
-            if n.swa:
+            if has_swa(n):
                 n.host_swa = _slots(swa_pages[swa_offset : swa_offset + k], ps)
                 swa_offset += k
                 self.cached_swa += len(n)
@@ -156,6 +167,44 @@ class HostPart(Part):
         if host.storage is not None:
             self._write_storage(fits)
         return tokens
+
+    def _copy_swa(self, nodes: list[Node]) -> torch.Tensor:
+        """Copy the (mapped) device SWA KV of ``nodes`` to new host SWA pages (on the side
+        stream already entered); the host pages, in order. The caller made room."""
+        ps = self.page_size
+        dev_swa = torch.cat([_pages(self.tree.allocator.translate(n.full), ps) for n in nodes])
+        pages = self.host.swa.backup(self.host.kv.page_view(True), dev_swa)
+        ensure(pages is not None, "a host SWA backup without room")
+        return pages
+
+    def _backup_swa(self, nodes: list[Node]) -> None:
+        """Copy the device SWA KV of backed-up ``nodes`` without a host SWA copy to host, as
+        many as the host SWA pool can take after host eviction (one copy)."""
+        if not nodes:
+            return
+        ps = self.page_size
+        pinned = [n for node in nodes for n in node.path()]
+        for n in pinned:
+            n.host_lock += 1
+        self.evict(0, sum(len(n) for n in nodes) - self._swa_available())
+        for n in pinned:
+            n.host_lock -= 1
+        fits, left = [], self._swa_available()
+        for n in nodes:
+            if len(n) > left:
+                break
+            fits.append(n)
+            left -= len(n)
+        if not fits:
+            return
+        with self.host.transfers.side_stream(backup=True):
+            pages = self._copy_swa(fits)
+        offset = 0
+        for n in fits:
+            k = len(n) // ps
+            n.host_swa = _slots(pages[offset : offset + k], ps)
+            offset += k
+            self.cached_swa += len(n)
 
     def _write_storage(self, nodes: list[Node]) -> None:
         """Write freshly backed-up nodes' host pages to storage (after their copy lands)."""
