@@ -420,13 +420,7 @@ class RadixTree:
         grew = parent if not parent.children else None
         added = []
         for a, b in itertools.pairwise(sorted(cuts)):
-            child = Node(
-                uid=next(self._uids),
-                key=tokens[a:b],
-                start=a,
-                parent=parent,
-                last_access=self._clock,
-            )
+            child = self.new_node(tokens[a:b], a, parent)
             parent.children[tuple(tokens[a : a + self.page_size])] = child
             added.append(child)
             parent = child
@@ -438,7 +432,7 @@ class RadixTree:
             self._branch_grew(grew)
         return parent
 
-    # ---------------------------------------------------------------- drop
+    # ---------------------------------------------------------------- nodes
 
     def add_host_node(self, parent: Node, node: Node) -> None:
         """Hang a new host-only ``node`` (its host values set) under ``parent``."""
@@ -457,6 +451,8 @@ class RadixTree:
     def touch(self) -> None:
         """Advance the LRU clock (an access that is not a match or an insert)."""
         self._clock += 1
+
+    # ---------------------------------------------------------------- drop
 
     def drop(self, victims: list[Node], dropped: list[torch.Tensor]) -> None:
         """Drop the device KV of unlocked device leaves ``victims`` (their full slots are
