@@ -6,6 +6,7 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator.paged import PagedAllocator
+from hybridkv.undo import UndoLog
 
 
 class HostPool:
@@ -24,8 +25,9 @@ class HostPool:
         chunk_elems: int,
         dtype: torch.dtype,
         backend: str | None = None,
+        undo: UndoLog | None = None,
     ) -> None:
-        self.allocator = PagedAllocator(num_tokens, page_size, "cpu", backend)
+        self.allocator = PagedAllocator(num_tokens, page_size, "cpu", backend, undo)
         self.backend = backend
         self.page_size = page_size
         self.buf = torch.zeros(

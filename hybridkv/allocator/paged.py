@@ -17,6 +17,7 @@ import torch
 from hybridkv import kernels
 from hybridkv.allocator.upload import host_ints, upload, upload_many
 from hybridkv.errors import ensure
+from hybridkv.undo import UndoLog
 
 
 class FreeGroup:
@@ -40,10 +41,12 @@ class FreeGroup:
         self._group = []
         try:
             yield
-        finally:
-            group, self._group = self._group, None
-            if group:
-                self.free(torch.cat(group))
+        except BaseException:
+            self._group = None  # a failed step frees nothing
+            raise
+        group, self._group = self._group, None
+        if group:
+            self.free(torch.cat(group))
 
 
 class PagedAllocator(FreeGroup):
@@ -55,10 +58,16 @@ class PagedAllocator(FreeGroup):
         page_size: tokens per page.
         device: where the free-page stack lives (the pool's device).
         backend: kernel backend (``"triton"``, ``"torch"`` or ``None`` for automatic).
+        undo: the undo log of the steps that use the pool (``None``: not part of a manager).
     """
 
     def __init__(
-        self, num_tokens: int, page_size: int, device: torch.device | str, backend: str | None
+        self,
+        num_tokens: int,
+        page_size: int,
+        device: torch.device | str,
+        backend: str | None,
+        undo: UndoLog | None = None,
     ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -70,6 +79,7 @@ class PagedAllocator(FreeGroup):
         self.backend = backend
         self._stack = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
         self._head = 0
+        self._undo = undo or UndoLog()
 
     @property
     def num_slots(self) -> int:
@@ -94,7 +104,7 @@ class PagedAllocator(FreeGroup):
         if n > self.free_page_count:
             return None
         pages = self._stack[self._head : self._head + n].clone()
-        self._head += n
+        self._take(n)
         return pages
 
     def pages_for_extend(self, prefix_lens: object, seq_lens: object) -> int:
@@ -136,7 +146,7 @@ class PagedAllocator(FreeGroup):
             num_tokens=int((seq - prefix).sum()),
             backend=self.backend,
         )
-        self._head += need
+        self._take(need)
         return slots
 
     def decode_pages(self, seq_lens: object) -> int:
@@ -172,7 +182,7 @@ class PagedAllocator(FreeGroup):
             num_new_pages=need,
             backend=self.backend,
         )
-        self._head += need
+        self._take(need)
         return slots
 
     def free(self, slots: torch.Tensor) -> None:
@@ -190,9 +200,27 @@ class PagedAllocator(FreeGroup):
         n = pages.numel()
         if n == 0:
             return
-        assert n <= self._head, "freeing more pages than are allocated"
+        ensure(n <= self._head, "freeing more pages than are allocated")
+        undo = self._undo
+        if undo.active:
+            undo.save(self, "_head")
+            # NOTE: taking pages only moves the head, so the free pages a step started with
+            # stay in the stack behind it; pushing pages back may overwrite some of them,
+            # and only those need keeping (a steady step frees before it takes: none).
+            low = max(self._head - n, self._start_head())
+            if low < self._head:
+                kept = self._stack[low : self._head].clone()
+                undo.on_undo(lambda: self._stack[low : low + kept.numel()].copy_(kept))
         self._head -= n
         self._stack[self._head : self._head + n] = pages
+
+    def _take(self, n: int) -> None:
+        self._undo.save(self, "_head")
+        self._head += n
+
+    def _start_head(self) -> int:
+        """Where the head was when the running step began."""
+        return self._undo.saved_value(self, "_head")
 
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless the free pages are distinct, in

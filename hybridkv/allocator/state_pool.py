@@ -13,6 +13,7 @@ import torch
 
 from hybridkv import kernels
 from hybridkv.allocator.paged import PagedAllocator
+from hybridkv.undo import UndoLog
 
 
 class StatePool:
@@ -26,8 +27,9 @@ class StatePool:
         dtype: torch.dtype,
         device: torch.device,
         backend: str | None,
+        undo: UndoLog | None = None,
     ) -> None:
-        self.allocator = PagedAllocator(num_slots, 1, device, backend)
+        self.allocator = PagedAllocator(num_slots, 1, device, backend, undo)
         self.state_shape = tuple(state_shape)
         self.backend = backend
         self._index = {lid: j for j, lid in enumerate(layer_ids)}

@@ -17,7 +17,8 @@ import torch
 from hybridkv import kernels
 from hybridkv.allocator.paged import FreeGroup, PagedAllocator
 from hybridkv.allocator.upload import host_ints, upload, upload_many
-from hybridkv.errors import ensure
+from hybridkv.errors import CheckError, ensure
+from hybridkv.undo import UndoLog
 
 
 class SWAAllocator(FreeGroup):
@@ -30,15 +31,17 @@ class SWAAllocator(FreeGroup):
         page_size: int,
         device: torch.device | str,
         backend: str | None,
+        undo: UndoLog | None = None,
     ) -> None:
         self.page_size = page_size
         self.device = torch.device(device)
         self.backend = backend
-        self.full = PagedAllocator(full_tokens, page_size, device, backend)
+        self._undo = undo or UndoLog()
+        self.full = PagedAllocator(full_tokens, page_size, device, backend, self._undo)
         self.swa: PagedAllocator | None = None
         self.full_to_swa: torch.Tensor | None = None
         if swa_tokens:
-            self.swa = PagedAllocator(swa_tokens, page_size, device, backend)
+            self.swa = PagedAllocator(swa_tokens, page_size, device, backend, self._undo)
             self.full_to_swa = torch.zeros(
                 self.full.num_slots, dtype=torch.int64, device=self.device
             )
@@ -89,7 +92,7 @@ class SWAAllocator(FreeGroup):
         full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens, need)
-            self.full_to_swa.index_copy_(0, full_slots, swa_slots)
+            self._map(full_slots, swa_slots)
         return full_slots
 
     def alloc_decode(
@@ -116,8 +119,19 @@ class SWAAllocator(FreeGroup):
         full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device, need)
-            self.full_to_swa.index_copy_(0, full_slots, swa_slots)
+            self._map(full_slots, swa_slots)
         return full_slots
+
+    def _map(self, full_slots: torch.Tensor, swa_slots: torch.Tensor) -> None:
+        """Map new ``full_slots`` (of pages that were free: mapped to none) to ``swa_slots``."""
+        self.full_to_swa.index_copy_(0, full_slots, swa_slots)
+        self._undo.on_undo(lambda: self.full_to_swa.index_fill_(0, full_slots, 0))
+
+    def _keep_map(self, full_slots: torch.Tensor) -> None:
+        """Keep the map of ``full_slots`` for the undo log before changing it."""
+        if self._undo.active:
+            kept = self.full_to_swa[full_slots]
+            self._undo.on_undo(lambda: self.full_to_swa.index_copy_(0, full_slots, kept))
 
     def _swa_last_loc(
         self, last_loc: torch.Tensor, prefix: np.ndarray | None, seq: np.ndarray
@@ -185,6 +199,9 @@ class SWAAllocator(FreeGroup):
 
     def _free_swa_of_pages(self, full_pages: torch.Tensor) -> None:
         by_page = self.full_to_swa.view(-1, self.page_size)
+        if self._undo.active:
+            kept = by_page[full_pages]
+            self._undo.on_undo(lambda: by_page.index_copy_(0, full_pages, kept))
         swa_first = by_page[full_pages, 0]
         # NOTE: a tombstoned page maps to 0; page 0 is reserved and must never be freed.
         self.swa.free_pages(swa_first[swa_first != 0] // self.page_size)
@@ -196,6 +213,8 @@ class SWAAllocator(FreeGroup):
         Used when a tombstoned cached copy meets a duplicate that still has SWA KV: the
         cached full slots take over the duplicate's SWA slots before the duplicate is freed.
         """
+        self._keep_map(keep_slots)
+        self._keep_map(dup_slots)
         self.full_to_swa[keep_slots] = self.full_to_swa[dup_slots]
         self.full_to_swa[dup_slots] = 0
 
@@ -215,7 +234,7 @@ class SWAAllocator(FreeGroup):
         page released must still be mapped (a request's own pages always are; checked in
         debug mode). Without it, pages tombstoned before their release are skipped.
         """
-        freed, new_released = kernels.swa_release(
+        released, new_released = kernels.swa_release(
             req_to_token,
             req_pool_indices,
             seq_lens,
@@ -226,13 +245,43 @@ class SWAAllocator(FreeGroup):
             num_freed=num_freed,
             backend=self.backend,
         )
+        self._undo.on_undo(
+            lambda: self._unrelease(
+                req_to_token, req_pool_indices, released_lens, new_released, released
+            )
+        )
+        freed = released
         if num_freed is None:
             # NOTE: a page tombstoned before its release comes back as SWA page 0.
-            freed = freed[freed != 0]
-        elif kernels.debug_enabled() and bool((freed == 0).any()):
-            raise AssertionError("swa_release freed a tombstoned page (SWA page 0)")
+            freed = released[released != 0]
+        elif kernels.debug_enabled() and bool((released == 0).any()):
+            raise CheckError("swa_release freed a tombstoned page (SWA page 0)")
         self.swa.free_pages(freed)
         return new_released
+
+    def _unrelease(
+        self,
+        req_to_token: torch.Tensor,
+        rows: torch.Tensor,
+        released_lens: torch.Tensor,
+        new_released: torch.Tensor,
+        freed: torch.Tensor,
+    ) -> None:
+        """Map again the full pages a failed step's :meth:`swa_release` tombstoned: each
+        row's pages in ``[released_lens, new_released)``, in the order of ``freed`` (their SWA
+        pages; 0 where none was mapped). Undo only: it syncs."""
+        ps, by_page = self.page_size, self.full_to_swa.view(-1, self.page_size)
+        swa_pages = iter(freed.tolist())
+        for row, start, end in zip(
+            rows.tolist(), released_lens.tolist(), new_released.tolist(), strict=True
+        ):
+            for pos in range(start, end, ps):
+                swa_page = next(swa_pages)
+                if swa_page:
+                    full_page = int(req_to_token[row, pos]) // ps
+                    by_page[full_page] = torch.arange(
+                        swa_page * ps, (swa_page + 1) * ps, device=self.device
+                    )
 
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless both free lists and the map are

@@ -10,6 +10,7 @@ from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.records import ReqState
 from hybridkv.scheduler.table import RequestTable
 from hybridkv.tree import Node, RadixTree
+from hybridkv.undo import UndoLog
 
 
 class Caching:
@@ -22,8 +23,10 @@ class Caching:
         tree: RadixTree,
         allocator: SWAAllocator,
         states: StatePool | None,
+        undo: UndoLog,
     ) -> None:
         self.config = config
+        self.undo = undo
         self.table = table
         self.tree = tree
         self.allocator = allocator
@@ -46,7 +49,7 @@ class Caching:
         node, slots = self.tree.insert(
             t.fill_ids(row, aligned), t.slots(row, 0, aligned), cached, max(released, cached)
         )
-        t.req_to_token[row, cached:aligned] = slots[cached:].to(torch.int32)
+        t.repoint(row, cached, slots[cached:])
         lock = self.tree.inc_lock(node)
         assert req.lock is not None
         self.tree.dec_lock(req.lock)
@@ -92,6 +95,7 @@ class Caching:
         the plan is committed.
         """
         working, snapshot = req.state_slot, req.snapshot
+        self.undo.save(req)
         req.state_slot, req.snapshot = -1, None
         free, attached = [], False
         if in_flight:
@@ -124,6 +128,7 @@ class Caching:
             slot = req.snapshot[1] if req.snapshot is not None else self.tree.alloc_state()
             if slot is None:
                 continue
+            self.undo.save(req, "snapshot")
             req.snapshot = (int(self.table.kv_len[req.row]), slot)
             src.append(req.state_slot)
             dst.append(slot)

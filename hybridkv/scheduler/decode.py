@@ -64,7 +64,8 @@ class Decode:
                 break
             # NOTE: a lone request always fits (add_request and CacheConfig check it).
             if q.chunked is not None:
-                victim, q.chunked = q.chunked, None
+                victim = q.chunked
+                q.set_chunked(None)
             else:
                 assert len(rows) > 1, "a single running request does not fit the pools"
                 # least output first, then the latest arrival
@@ -136,6 +137,6 @@ class Decode:
     def retract(self, req: ReqState) -> None:
         """Cache a running request's KV in the tree, free its slots and re-queue it first."""
         self.caching.release(req)
-        self.queues.waiting.appendleft(req)
+        self.queues.requeue(req)
         self.counters["retracted_requests"] += 1
         self.admission.reset()

@@ -31,6 +31,7 @@ from hybridkv.scheduler.table import RequestTable
 from hybridkv.scheduler.tp import TPSync
 from hybridkv.tree import HostTier, RadixTree
 from hybridkv.tree.storage import FileStorage
+from hybridkv.undo import UndoLog
 
 # NOTE: the hit counters and prefill_computed_tokens partition the prompt tokens of every
 # admission (a retracted request's prompt counts again): each token is a device, host or
@@ -69,12 +70,14 @@ class MemoryManager:
         self.config = config
         cfg = config
         self.device = torch.device(cfg.device)
+        self.undo = UndoLog()  # steps happen whole or not at all (hybridkv.undo)
         self.allocator = SWAAllocator(
             cfg.full_tokens,
             cfg.swa_tokens if cfg.has_swa else 0,
             cfg.page_size,
             self.device,
             cfg.backend,
+            self.undo,
         )
         alloc = self.allocator
         self.kv = KVPool(
@@ -99,17 +102,20 @@ class MemoryManager:
                 cfg.dtype,
                 self.device,
                 cfg.backend,
+                self.undo,
             )
         self.tree = RadixTree(
             alloc, cfg.page_size, cfg.window, cfg.swa_eviction, self._host_tier(), self.states
         )
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.table = RequestTable(cfg.max_running_requests, cfg.max_context_len, self.device)
-        self.queues = Queues()
+        self.table = RequestTable(
+            cfg.max_running_requests, cfg.max_context_len, self.device, self.undo
+        )
+        self.queues = Queues(self.undo)
         self.admission = Admission(
             cfg, self.table, self.queues, self.tree, alloc, self.states, self.counters
         )
-        self.caching = Caching(cfg, self.table, self.tree, alloc, self.states)
+        self.caching = Caching(cfg, self.table, self.tree, alloc, self.states, self.undo)
         slide = SWASlide(cfg, self.table, self.tree, alloc)
         transfers = None if self.tree.host is None else self.tree.host.transfers
         pages = PlanBuilder(cfg, self.table, alloc, transfers)
@@ -125,6 +131,7 @@ class MemoryManager:
             pages,
             self.tp,
             self.counters,
+            self.undo,
         )
         self.decode = Decode(
             cfg,
@@ -162,13 +169,20 @@ class MemoryManager:
             return None
         page_elems = cfg.page_size * cfg.num_kv_heads * cfg.head_dim
         full_chunks, swa_chunks = 2 * len(cfg.full_layer_ids), 2 * len(cfg.swa_layer_ids)
+        undo = self.undo
         full = HostPool(
-            cfg.host_tokens, cfg.page_size, full_chunks, page_elems, cfg.dtype, cfg.backend
+            cfg.host_tokens, cfg.page_size, full_chunks, page_elems, cfg.dtype, cfg.backend, undo
         )
         swa = None
         if cfg.has_swa:
             swa = HostPool(
-                cfg.host_swa_tokens, cfg.page_size, swa_chunks, page_elems, cfg.dtype, cfg.backend
+                cfg.host_swa_tokens,
+                cfg.page_size,
+                swa_chunks,
+                page_elems,
+                cfg.dtype,
+                cfg.backend,
+                undo,
             )
         storage = None
         if cfg.storage is not None:
@@ -185,7 +199,7 @@ class MemoryManager:
         if cfg.mamba_layer_ids:
             elems = math.prod(cfg.state_shape)
             layers = len(cfg.mamba_layer_ids)
-            state = HostPool(cfg.host_state_slots, 1, layers, elems, cfg.dtype, cfg.backend)
+            state = HostPool(cfg.host_state_slots, 1, layers, elems, cfg.dtype, cfg.backend, undo)
         return HostTier(self.kv, full, swa, cfg.write_policy, storage, state)
 
     # ---------------------------------------------------------------- requests
@@ -221,25 +235,30 @@ class MemoryManager:
             )
         req = ReqState(request.rid, list(ids), 0, n, self._arrivals)
         self._arrivals += 1
-        self.queues.reqs[req.rid] = req
-        self.queues.waiting.append(req)
+        self.queues.add(req)
 
     def abort(self, rid: str) -> None:
         """Drop a request wherever it is; its computed KV stays cached in the tree."""
-        req, q = self._get(rid), self.queues
+        req = self._get(rid)
+        with self.undo.step():
+            self._abort(req)
+
+    def _abort(self, req: ReqState) -> None:
+        q = self.queues
+        self._begin_step()
         if req.row < 0:
-            q.waiting.remove(req)
+            q.unwait(req)
         else:
             row = req.row
             in_flight = self._pending is not None and row in self._pending_rows()
             self.caching.release(req, in_flight=in_flight)
             if in_flight:
                 self._pending_gone.add(row)
-            if rid in q.running:
+            if req.rid in q.running:
                 q.stop(req)
             if q.chunked is req:
-                q.chunked = None
-        del q.reqs[rid]
+                q.set_chunked(None)
+        q.forget(req)
 
     def req_slots(self, rid: str) -> torch.Tensor:
         """int64 full slots of every position of ``rid`` that has KV."""
@@ -266,7 +285,9 @@ class MemoryManager:
             # NOTE: pages freed after a backup may be handed out now: the engine's stream
             # must not write them before the backup copy has read them.
             self.tree.host.transfers.wait_backups()
-        plan = self.prefill.schedule() or self.decode.schedule()
+        with self.undo.step():
+            self._begin_step()
+            plan = self.prefill.schedule() or self.decode.schedule()
         if self.tree.host is not None:
             # NOTE: and after every copy issued while planning (write-back backups of pages
             # this plan may reuse): the engine's forward must come after them.
@@ -285,19 +306,30 @@ class MemoryManager:
             raise ValueError("plan is not the pending plan of this manager")
         ids = _token_ids(next_token_ids, len(plan), self._token_bound)
         batch, q = plan.batch, self.queues
-        with self.allocator.free_group():
-            if batch.is_decode:
-                finished = self.decode.commit(batch, ids, self._pending_gone)
-            else:
-                finished = self._commit_prefill(batch, ids)
-            for req in finished:
-                self.caching.release(req)
-                q.stop(req)
-                del q.reqs[req.rid]
+        with self.undo.step():
+            self._begin_step()
+            with self.allocator.free_group():
+                if batch.is_decode:
+                    finished = self.decode.commit(batch, ids, self._pending_gone)
+                else:
+                    finished = self._commit_prefill(batch, ids)
+                for req in finished:
+                    self.caching.release(req)
+                    q.stop(req)
+                    q.forget(req)
+            self.caching.free_in_flight_states()
         self._pending = None
         self._pending_gone = set()
-        self.caching.free_in_flight_states()
         return [req.rid for req in finished]
+
+    def _begin_step(self) -> None:
+        """Keep the host state a step may change without a method of its owner (the parts
+        keep the rest as they change it: hybridkv.undo)."""
+        self.table.begin_step()
+        self.undo.save(self.counters)
+        self.undo.save(self.admission, "new_token_ratio")
+        self.undo.save(self.caching, "in_flight_states")
+        self.undo.save(self, "_pending_gone")
 
     def _commit_prefill(self, batch: StepBatch, ids: np.ndarray) -> list[ReqState]:
         t, finished = self.table, []

@@ -20,6 +20,7 @@ from hybridkv.scheduler.swa_slide import SWASlide
 from hybridkv.scheduler.table import RequestTable
 from hybridkv.scheduler.tp import TPSync
 from hybridkv.tree import MatchResult, RadixTree
+from hybridkv.undo import UndoLog
 
 
 class Prefill:
@@ -39,6 +40,7 @@ class Prefill:
         pages: PlanBuilder,
         tp: TPSync,
         counters: dict[str, int],
+        undo: UndoLog,
     ) -> None:
         self.config = config
         self.table = table
@@ -51,6 +53,7 @@ class Prefill:
         self.pages = pages
         self.tp = tp
         self.counters = counters
+        self.undo = undo
 
     def schedule(self) -> StepPlan | None:
         q, t, adm = self.queues, self.table, self.admission
@@ -83,15 +86,15 @@ class Prefill:
             return None
         for a in admitted:
             if a.match is not None:
-                q.waiting.popleft()
+                q.pop_waiting()
                 t.take(a.req, a.start)
         plan = self._extend(admitted)
-        q.chunked = None
+        q.set_chunked(None)
         for a in admitted:
             if a.completes:
                 q.start(a.req)
             else:
-                q.chunked = a.req
+                q.set_chunked(a.req)
         return plan
 
     def _admit_new(self, req: ReqState, adder: PrefillAdder, others: bool) -> Admitted | None:
@@ -113,7 +116,7 @@ class Prefill:
         self.tree.pin_host(match.last_host_node, load_start, +1)
         load = prefix_load(match)
         prefix_len = match.length + match.host_hit_length
-        req.lock = lock
+        self.table.set_lock(req, lock)
         if seed is not None:
             self.tree.pin_state(seed, +1)  # its snapshot seeds the working state
         fill_len = len(req.fill_ids)
@@ -131,7 +134,7 @@ class Prefill:
                 self.tree.pin_state(seed, -1)
             self.tree.pin_host(match.last_host_node, load_start, -1)
             self.tree.dec_lock(lock)
-            req.lock = None
+            self.table.set_lock(req, None)
             return None
         return Admitted(req, prefix_len, fill_len, granted, match, load, load_start)
 
@@ -201,6 +204,7 @@ class Prefill:
         another (its trees drifted) re-matches to the common length.
         """
         limit = len(req.fill_ids) - 1
+        self.undo.save(req, "prefetched")
         req.prefetched += self.tree.prefetch(req.fill_ids, limit, self.tp.reduce_min)
         match = self.tree.match_prefix(req.fill_ids, limit)
         local = [match.length, match.host_hit_length, match.swa_host_hit_length]
@@ -230,6 +234,7 @@ class Prefill:
             # NOTE: the tiers partition the prompt: what its prefetches read from storage is
             # a storage hit, not a host hit too (it reaches the device through the host).
             from_storage = min(req.prefetched, a.load.full)
+            self.undo.save(req, "prefetched")
             req.prefetched = 0
             self.counters["device_hit_tokens"] += match.length
             self.counters["host_hit_tokens"] += a.load.full - from_storage

@@ -20,15 +20,43 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from hybridkv.undo import UndoLog
+
 if TYPE_CHECKING:
     from hybridkv.scheduler.records import ReqState
     from hybridkv.tree import LockHandle
 
 
-class RequestTable:
-    """Rows, their device page-table rows and their host-side lengths and tokens."""
+# What a step may change of the table's host state: its undo log keeps these. A step writes
+# token ids only past a row's fill_len (or into a free row), which nobody reads until it
+# completes, so ``tokens`` needs no keeping.
+STEP_FIELDS = (
+    "kv_len",
+    "alloc_len",
+    "cached_len",
+    "released",
+    "fill_len",
+    "output_len",
+    "max_new",
+    "arrival",
+    "pin_start",
+    "pin_end",
+    "state_slot",
+    "owner",
+    "_free",
+)
 
-    def __init__(self, rows: int, max_context: int, device: torch.device) -> None:
+
+class RequestTable:
+    """Rows, their device page-table rows and their host-side lengths and tokens.
+
+    ``undo``: the manager's undo log; :meth:`begin_step` keeps the host state a step may
+    change, and the methods that change a request or a row's KV slots keep those.
+    """
+
+    def __init__(
+        self, rows: int, max_context: int, device: torch.device, undo: UndoLog | None = None
+    ) -> None:
         self.rows = rows
         self.max_context = max_context
         self.device = device
@@ -43,6 +71,11 @@ class RequestTable:
         self.state_slot = np.full(rows, -1, dtype=np.int64)  # mirrors ReqState.state_slot
         self.owner: list[ReqState | None] = [None] * rows
         self._free = list(range(rows - 1, -1, -1))
+        self._undo = undo or UndoLog()
+
+    def begin_step(self) -> None:
+        """Keep what a step may change (it writes the length arrays directly)."""
+        self._undo.save(self, *STEP_FIELDS)
 
     @property
     def free_rows(self) -> int:
@@ -51,6 +84,7 @@ class RequestTable:
     def take(self, req: ReqState, kv_len: int) -> int:
         """Give ``req`` a row holding its ids, ``kv_len`` positions of which have KV (its
         cached prefix); return the row."""
+        self._undo.save(req)
         row = self._free.pop()
         ids = req.fill_ids
         self.tokens[row, : len(ids)] = ids
@@ -67,6 +101,7 @@ class RequestTable:
 
     def give_back(self, req: ReqState) -> None:
         """Free ``req``'s row, leaving its ids and output count on the request."""
+        self._undo.save(req)
         row = req.row
         req.fill_ids = self.fill_ids(row)
         req.output_len = int(self.output_len[row])
@@ -77,6 +112,7 @@ class RequestTable:
 
     def set_lock(self, req: ReqState, lock: LockHandle | None) -> None:
         """Set ``req.lock`` (and its mirror in the row, if it has one)."""
+        self._undo.save(req)
         req.lock = lock
         if req.row >= 0 and lock is not None:
             self.pin_start[req.row] = lock.swa_start
@@ -84,9 +120,19 @@ class RequestTable:
 
     def set_state_slot(self, req: ReqState, slot: int) -> None:
         """Set ``req.state_slot`` and its mirror in the row."""
+        self._undo.save(req)
         req.state_slot = slot
         if req.row >= 0:
             self.state_slot[req.row] = slot
+
+    def repoint(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Point positions ``[start, start + len(slots))`` of ``row``, which have KV, at
+        ``slots`` (the tree's copy of the same tokens)."""
+        end = start + slots.numel()
+        if self._undo.active:
+            kept = self.req_to_token[row, start:end].clone()
+            self._undo.on_undo(lambda: self.req_to_token[row, start:end].copy_(kept))
+        self.req_to_token[row, start:end] = slots.to(torch.int32)
 
     def fill_ids(self, row: int, end: int | None = None) -> list[int]:
         """The ids of positions ``[0, end)`` of ``row`` (default: every id it has)."""
