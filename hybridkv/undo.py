@@ -51,6 +51,7 @@ class UndoLog:
     def __init__(self) -> None:
         self._saved: dict[int, tuple[object, dict[str, tuple[object, object]]]] | None = None
         self._undo: list[Callable[[], None]] = []
+        self.steps = 0  # steps begun: tells parts apart what the running step did
 
     @property
     def active(self) -> bool:
@@ -95,6 +96,7 @@ class UndoLog:
         if self._saved is not None:
             raise RuntimeError("a step is already running")
         self._saved = {}
+        self.steps += 1
         try:
             yield
         except BaseException:

@@ -47,6 +47,7 @@ class HostPool:
         host_pages = self.allocator.alloc_pages(device_pages.numel())
         if host_pages is None:
             return None
+        self.allocator.keep_contents(self.buf, host_pages)
         kernels.page_copy(
             device_view,
             self.buf,

@@ -80,6 +80,7 @@ class PagedAllocator(FreeGroup):
         self._stack = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
         self._head = 0
         self._undo = undo or UndoLog()
+        self._freed_in = 0  # the last step (UndoLog.steps) that freed pages
 
     @property
     def num_slots(self) -> int:
@@ -203,7 +204,8 @@ class PagedAllocator(FreeGroup):
         ensure(n <= self._head, "freeing more pages than are allocated")
         undo = self._undo
         if undo.active:
-            undo.save(self, "_head")
+            undo.save(self, "_head", "_freed_in")
+            self._freed_in = undo.steps
             # NOTE: taking pages only moves the head, so the free pages a step started with
             # stay in the stack behind it; pushing pages back may overwrite some of them,
             # and only those need keeping (a steady step frees before it takes: none).
@@ -213,6 +215,19 @@ class PagedAllocator(FreeGroup):
                 undo.on_undo(lambda: self._stack[low : low + kept.numel()].copy_(kept))
         self._head -= n
         self._stack[self._head : self._head + n] = pages
+
+    @property
+    def reuses_freed(self) -> bool:
+        """Whether pages taken now may be ones the running step freed: their old contents
+        (KV a failed step's undo puts back in the tree) must be kept before writing them."""
+        return self._undo.active and self._freed_in == self._undo.steps
+
+    def keep_contents(self, buf: torch.Tensor, pages: torch.Tensor) -> None:
+        """Before the running step writes ``buf[pages]`` (``buf`` indexed by this pool's
+        pages), keep their contents for its undo if they may hold what it must put back."""
+        if self.reuses_freed and pages.numel():
+            kept = buf[pages]
+            self._undo.on_undo(lambda: buf.index_copy_(0, pages, kept))
 
     def _take(self, n: int) -> None:
         self._undo.save(self, "_head")

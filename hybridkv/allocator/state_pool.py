@@ -76,6 +76,7 @@ class StatePool:
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's state of slots ``src`` into slots ``dst`` (one kernel call)."""
         view = self.slot_view()
+        self.allocator.keep_contents(view, dst)
         kernels.page_copy(view, view, src, dst, backend=self.backend)
 
     def zero(self, slots: torch.Tensor) -> None:

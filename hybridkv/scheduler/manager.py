@@ -105,7 +105,13 @@ class MemoryManager:
                 self.undo,
             )
         self.tree = RadixTree(
-            alloc, cfg.page_size, cfg.window, cfg.swa_eviction, self._host_tier(), self.states
+            alloc,
+            cfg.page_size,
+            cfg.window,
+            cfg.swa_eviction,
+            self._host_tier(),
+            self.states,
+            self.undo,
         )
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.table = RequestTable(
@@ -326,6 +332,7 @@ class MemoryManager:
         """Keep the host state a step may change without a method of its owner (the parts
         keep the rest as they change it: hybridkv.undo)."""
         self.table.begin_step()
+        self.tree.begin_step()
         self.undo.save(self.counters)
         self.undo.save(self.admission, "new_token_ratio")
         self.undo.save(self.caching, "in_flight_states")

@@ -27,7 +27,7 @@ class FullPart(Part):
         self.tree = tree
         self.cached = 0  # tokens with device full KV
         self.evictable = 0  # of those, in nodes without a full lock
-        self.lru = LazyHeap()  # device nodes droppable for full eviction
+        self.lru = LazyHeap(tree.undo)  # device nodes droppable for full eviction
 
     def heaps(self) -> tuple[LazyHeap, ...]:
         return (self.lru,)
@@ -69,6 +69,7 @@ class FullPart(Part):
 
     def attach(self, node: Node, slots: torch.Tensor) -> None:
         """Give a node without device KV the device full slots ``slots`` of its tokens."""
+        self.tree.undo.save(node)
         node.full = slots
         self.cached += len(node)
         self.evictable += len(node) if node.full_lock == 0 else 0
@@ -93,6 +94,7 @@ class FullPart(Part):
     def on_drop(self, node: Node) -> None:
         self.cached -= len(node)
         self.evictable -= len(node)
+        self.tree.undo.save(node)
         node.full = None
 
     def check(self, nodes: list[Node]) -> None:

@@ -46,8 +46,8 @@ class HostPart(Part):
         self.cached_swa = 0  # tokens with host SWA KV
         self.backed_up_tokens = 0  # counter: tokens copied to host
         self.loaded_swa_tokens = 0  # counter: SWA KV tokens loaded back from host
-        self.lru = LazyHeap()  # host leaves (host-pinned ones are skipped on pop)
-        self.state_lru = LazyHeap()  # host state snapshots
+        self.lru = LazyHeap(tree.undo)  # host leaves (host-pinned ones are skipped on pop)
+        self.state_lru = LazyHeap(tree.undo)  # host state snapshots
 
     def heaps(self) -> tuple[LazyHeap, ...]:
         return (self.lru, self.state_lru)
@@ -129,11 +129,13 @@ class HostPart(Part):
         # NOTE: host eviction below must not take the backed-up ancestors we build on.
         pinned = [n for node in nodes for n in node.path()]
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock += 1
         need = sum(len(n) for n in todo)
         need_swa = sum(len(n) for n in todo if has_swa(n))
         self.evict(need - host.full.available, need_swa - self._swa_available())
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock -= 1
         fits, full_left, swa_left = [], host.full.available, self._swa_available()
         for n in todo:
@@ -153,9 +155,11 @@ class HostPart(Part):
         offset = swa_offset = 0
         for n in fits:
             k = len(n) // ps
+            self.tree.undo.save(n)
             n.host_full = _slots(host_pages[offset : offset + k], ps)
             offset += k
             if has_swa(n):
+                self.tree.undo.save(n)
                 n.host_swa = _slots(swa_pages[swa_offset : swa_offset + k], ps)
                 swa_offset += k
                 self.cached_swa += len(n)
@@ -185,9 +189,11 @@ class HostPart(Part):
         ps = self.page_size
         pinned = [n for node in nodes for n in node.path()]
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock += 1
         self.evict(0, sum(len(n) for n in nodes) - self._swa_available())
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock -= 1
         fits, left = [], self._swa_available()
         for n in nodes:
@@ -202,6 +208,7 @@ class HostPart(Part):
         offset = 0
         for n in fits:
             k = len(n) // ps
+            self.tree.undo.save(n)
             n.host_swa = _slots(pages[offset : offset + k], ps)
             offset += k
             self.cached_swa += len(n)
@@ -235,6 +242,7 @@ class HostPart(Part):
         with host.transfers.side_stream(backup=True):
             got = host.state.backup(states.pool.slot_view(), _t([n.state for n in nodes], device))
         for n, slot in zip(nodes, got.tolist(), strict=True):
+            self.tree.undo.save(n)
             n.host_state = slot
             self.state_lru.push(n)
 
@@ -250,6 +258,7 @@ class HostPart(Part):
         if victims:
             self.host.state.free(torch.tensor([n.host_state for n in victims]))
         for n in victims:
+            self.tree.undo.save(n)
             n.host_state = None
 
     # ---------------------------------------------------------------- storage
@@ -314,9 +323,11 @@ class HostPart(Part):
             return None, None
         pinned = parent.path()
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock += 1
         self.evict(full_pages * ps - host.full.available, swa_pages * ps - self._swa_available())
         for n in pinned:
+            self.tree.undo.save(n)
             n.host_lock -= 1
         full = host.full.allocator.alloc_pages(full_pages)
         if host.swa is None:
@@ -340,8 +351,10 @@ class HostPart(Part):
             if a == b:
                 continue
             node = tree.new_node(tokens[a:b], a, parent)
+            self.tree.undo.save(node)
             node.host_full = _slots(full_pages[(a - start) // ps : (b - start) // ps], ps)
             if a == window_start and tree.swa_part is not None:
+                self.tree.undo.save(node)
                 node.host_swa = _slots(swa_pages, ps)
                 self.cached_swa += b - a
             self.cached_full += b - a
@@ -376,6 +389,10 @@ class HostPart(Part):
         host_full = torch.cat([_pages(n.host_full, ps) for n in full_nodes]) if n_full else None
         host_swa = torch.cat([_pages(n.host_swa, ps) for n in swa_nodes]) if n_swa else None
         views = {False: host.kv.page_view(False), True: host.kv.page_view(True)}
+        alloc = self.tree.allocator
+        alloc.full.keep_contents(views[False], dev_pages)
+        if alloc.has_swa:
+            alloc.swa.keep_contents(views[True], swa_pages)
         loads = {False: (host.full, host_full, dev_pages), True: (host.swa, host_swa, swa_pages)}
         with host.transfers.side_stream(backup=False):
             if host.transfers.per_layer:
@@ -452,6 +469,7 @@ class HostPart(Part):
         if got is None:
             return False
         device = states.pool.buf.device
+        states.pool.allocator.keep_contents(states.pool.slot_view(), _t([got], device))
         with self.host.transfers.side_stream(backup=False):
             self.host.state.load(
                 states.pool.slot_view(), _t([node.host_state], "cpu"), _t([got], device)
@@ -489,9 +507,11 @@ class HostPart(Part):
                 swa_pages.append(_pages(node.host_swa, ps))
                 freed_swa += len(node)
                 self.cached_swa -= len(node)
+            self.tree.undo.save(node)
             node.host_full = node.host_swa = None
             if node.host_state is not None:
                 host.state.free(torch.tensor([node.host_state]))
+                self.tree.undo.save(node)
                 node.host_state = None
             if not node.on_device:
                 self.tree.detach(node)
@@ -515,6 +535,7 @@ class HostPart(Part):
         for node in end.path():
             if node.end <= start:
                 break
+            self.tree.undo.save(node)
             node.host_lock += delta
 
     def _leaf(self, node: Node) -> bool:

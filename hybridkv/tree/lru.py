@@ -25,16 +25,37 @@ from collections.abc import Callable
 
 from hybridkv.errors import ensure
 from hybridkv.tree.node import Node
+from hybridkv.undo import UndoLog
 
 
 class LazyHeap:
     """Nodes of one candidate kind, least recently used first (see the module docstring)."""
 
-    __slots__ = ("heap", "queued")
+    __slots__ = ("heap", "queued", "_undo")
 
-    def __init__(self) -> None:
+    def __init__(self, undo: UndoLog | None = None) -> None:
         self.heap: list[tuple[int, int, Node]] = []
         self.queued: set[int] = set()  # uids with an entry in ``heap``
+        self._undo = undo or UndoLog()
+
+    def _added(self, entry: tuple[int, int, Node]) -> None:
+        """For the running step's undo: ``entry`` went in (its uid is queued)."""
+        if self._undo.active:
+            self._undo.on_undo(lambda: self._take_out(entry))
+
+    def _removed(self, entry: tuple[int, int, Node]) -> None:
+        """For the running step's undo: ``entry`` came out (its uid is no longer queued)."""
+        if self._undo.active:
+            self._undo.on_undo(lambda: self._put_in(entry))
+
+    def _take_out(self, entry: tuple[int, int, Node]) -> None:
+        self.heap.remove(entry)
+        heapq.heapify(self.heap)
+        self.queued.discard(entry[1])
+
+    def _put_in(self, entry: tuple[int, int, Node]) -> None:
+        heapq.heappush(self.heap, entry)
+        self.queued.add(entry[1])
 
     def __len__(self) -> int:
         return len(self.heap)
@@ -42,8 +63,9 @@ class LazyHeap:
     def push(self, node: Node) -> None:
         """Queue ``node`` (a possible candidate) unless it already has an entry."""
         if node.uid not in self.queued:
-            self.queued.add(node.uid)
-            heapq.heappush(self.heap, (node.last_access, node.uid, node))
+            entry = (node.last_access, node.uid, node)
+            self._put_in(entry)
+            self._added(entry)
 
     def peek(self, valid: Callable[[Node], bool]) -> Node | None:
         """The least recently used node for which ``valid`` holds (left queued), or None.
@@ -52,29 +74,41 @@ class LazyHeap:
         """
         heap, queued = self.heap, self.queued
         while heap:
-            key, uid, node = heap[0]
+            top = heap[0]
+            key, uid, node = top
             if node.last_access != key:
-                heapq.heapreplace(heap, (node.last_access, uid, node))
+                rekeyed = (node.last_access, uid, node)
+                heapq.heapreplace(heap, rekeyed)
+                self._removed(top)
+                self._added(rekeyed)
             elif valid(node):
                 return node
             else:
                 heapq.heappop(heap)
                 queued.discard(uid)
+                self._removed(top)
         return None
 
     def pop(self, valid: Callable[[Node], bool]) -> Node | None:
         """Remove and return the least recently used node for which ``valid`` holds."""
         node = self.peek(valid)
         if node is not None:
-            heapq.heappop(self.heap)
+            top = heapq.heappop(self.heap)
             self.queued.discard(node.uid)
+            self._removed(top)
         return node
 
     def compact(self) -> None:
         """Drop the entries of nodes no longer in the tree (``parent is None``)."""
-        self.heap = [e for e in self.heap if e[2].parent is not None]
-        heapq.heapify(self.heap)
-        self.queued = {e[1] for e in self.heap}
+        kept = []
+        for entry in self.heap:
+            if entry[2].parent is not None:
+                kept.append(entry)
+            else:
+                self._removed(entry)
+        heapq.heapify(kept)
+        self.heap = kept
+        self.queued = {e[1] for e in kept}
 
     def check(self, candidates: list[Node], what: str) -> None:
         """Verify one entry per queued uid and an entry, keyed at most its current key, for

@@ -31,6 +31,7 @@ from hybridkv.tree.parts import LockHandle, Part
 from hybridkv.tree.state import StatePart
 from hybridkv.tree.swa import SWA_EVICTION_POLICIES, SWAPart
 from hybridkv.tree.tier import HostTier
+from hybridkv.undo import UndoLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,8 @@ class RadixTree:
             part).
         states: the recurrent-state pool for snapshots, or ``None`` for a model without
             recurrent layers (no state part).
+        undo: the undo log of the manager's steps (every change a step makes to a node, a
+            part or a heap is kept in it); ``None``: a tree on its own.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class RadixTree:
         swa_eviction: str = "window",
         host: HostTier | None = None,
         states: StatePool | None = None,
+        undo: UndoLog | None = None,
     ) -> None:
         if swa_eviction not in SWA_EVICTION_POLICIES:
             raise ValueError(f"swa_eviction must be one of {SWA_EVICTION_POLICIES}")
@@ -122,6 +126,7 @@ class RadixTree:
         self.page_size = page_size
         self.window = window
         self.host = host
+        self.undo = undo or UndoLog()
         empty = torch.empty(0, dtype=torch.int64, device=allocator.device)
         self._uids = itertools.count()
         self.root = Node(uid=next(self._uids), key=[], start=0, parent=None, full=empty)
@@ -207,6 +212,7 @@ class RadixTree:
             nodes, swa_nodes = self.swa_part.window_to_load(nodes)
         self._clock += 1
         for node in nodes:
+            self.undo.save(node, "last_access", "hit_count")
             node.last_access = self._clock
             node.hit_count += 1
         on_device = 0
@@ -276,6 +282,13 @@ class RadixTree:
                 hi = mid
         return lo * ps
 
+    def begin_step(self) -> None:
+        """Keep the tree's and its parts' counters for the running step's undo (nodes and
+        heaps are kept as they change)."""
+        self.undo.save(self, "_clock", "_live", "_dead")
+        for part in self.parts:
+            self.undo.save(part)
+
     def split(self, node: Node, k: int) -> Node:
         """Split ``node`` after ``k`` tokens; return the new upper part (``node`` keeps the rest).
 
@@ -293,6 +306,8 @@ class RadixTree:
             last_access=node.last_access,
             hit_count=node.hit_count,
         )
+        self.undo.save(parent, "children")
+        self.undo.save(node)
         for part in self.parts:
             part.on_split(upper, node, k)
         parent.children[tuple(node.key[:ps])] = upper
@@ -325,6 +340,7 @@ class RadixTree:
         path = node.path()
         locked = [n for n in path if n.full_lock == 0]
         for n in path:
+            self.undo.save(n, "full_lock")
             n.full_lock += 1
         for part in self.parts:
             part.on_lock(handle, locked)
@@ -336,6 +352,7 @@ class RadixTree:
         # NOTE: a path's lock counts only grow upward: its first node has the smallest.
         ensure(not path or path[0].full_lock > 0, "unlocking an unlocked node")
         for n in path:
+            self.undo.save(n, "full_lock")
             n.full_lock -= 1
         unlocked = [n for n in path if n.full_lock == 0]
         for part in self.parts:
@@ -392,6 +409,7 @@ class RadixTree:
                 if self.swa_part is not None:
                     upper = self.swa_part.cut(child, max(lo, swa_from))
                     if upper is not None:
+                        self.undo.save(upper, "last_access")
                         upper.last_access = self._clock
                         if adopted:
                             cached.insert(0, upper)
@@ -400,6 +418,7 @@ class RadixTree:
                 for c in cached:
                     for part in self.parts:
                         part.on_cache(c, slots, swa_from, adopted)
+            self.undo.save(child, "last_access")
             child.last_access = self._clock
             node, pos = child, child.end
         if dups:
@@ -418,6 +437,7 @@ class RadixTree:
         if self.swa_part is not None:
             cuts.add(min(max(swa_from, pos), end))
         grew = parent if not parent.children else None
+        self.undo.save(parent, "children")
         added = []
         for a, b in itertools.pairwise(sorted(cuts)):
             child = self.new_node(tokens[a:b], a, parent)
@@ -437,6 +457,7 @@ class RadixTree:
     def add_host_node(self, parent: Node, node: Node) -> None:
         """Hang a new host-only ``node`` (its host values set) under ``parent``."""
         grew = parent if not parent.children else None
+        self.undo.save(parent, "children")
         parent.children[tuple(node.key[: self.page_size])] = node
         self._live += 1
         if grew is not None:
@@ -472,6 +493,7 @@ class RadixTree:
         for node in victims:
             ensure(node.on_device and node.full_lock == 0, "dropping a locked or host-only node")
             dropped.append(node.full)
+            self.undo.save(node)
             for part in self.parts:
                 part.on_drop(node)
             parent = node.parent
@@ -484,6 +506,8 @@ class RadixTree:
         """Remove a node with no KV anywhere (and no children) from the tree."""
         parent = node.parent
         ensure(parent is not None and not node.children, "detaching an inner node")
+        self.undo.save(parent, "children")
+        self.undo.save(node, "parent")
         del parent.children[tuple(node.key[: self.page_size])]
         node.parent = None
         self._live -= 1

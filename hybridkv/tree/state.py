@@ -40,7 +40,7 @@ class StatePart(Part):
         self.pool = pool
         self.cached = 0  # device snapshots
         self.pinned = 0  # of those, with a state lock
-        self.lru = LazyHeap()  # device snapshots
+        self.lru = LazyHeap(tree.undo)  # device snapshots
 
     def heaps(self) -> tuple[LazyHeap, ...]:
         return (self.lru,)
@@ -75,6 +75,7 @@ class StatePart(Part):
 
     def set(self, node: Node, slot: int) -> None:
         """Give ``node`` (without a snapshot) the snapshot in ``slot``."""
+        self.tree.undo.save(node)
         node.state = slot
         self.cached += 1
         self.pinned += node.state_lock > 0
@@ -83,6 +84,7 @@ class StatePart(Part):
     def pin(self, node: Node, delta: int) -> None:
         """Pin (``+1``) or unpin (``-1``) ``node``'s snapshot, counting the pinned ones."""
         before = _pinned(node)
+        self.tree.undo.save(node)
         node.state_lock += delta
         ensure(node.state_lock >= 0, "unpinning an unpinned snapshot")
         self.pinned += _pinned(node) - before
@@ -99,6 +101,7 @@ class StatePart(Part):
         ensure(all(n.state_lock == 0 for n in nodes), "freeing a pinned snapshot")
         self.pool.allocator.free_pages(self._slots([n.state for n in nodes]))
         for n in nodes:
+            self.tree.undo.save(n)
             n.state = None
         self.cached -= len(nodes)
 

@@ -44,8 +44,8 @@ class SWAPart(Part):
         self.page_size = tree.page_size
         self.cached = 0  # tokens with device SWA KV
         self.evictable = 0  # of those, in nodes without an SWA lock
-        self.lru = LazyHeap()  # unlocked SWA nodes (window policy: maybe unprotected)
-        self.kept = LazyHeap()  # unlocked SWA nodes found protected (window policy)
+        self.lru = LazyHeap(tree.undo)  # unlocked SWA nodes (window policy: maybe unprotected)
+        self.kept = LazyHeap(tree.undo)  # unlocked SWA nodes found protected (window policy)
         tree.root.swa, tree.root.swa_lock = True, 1  # never evicted
 
     def heaps(self) -> tuple[LazyHeap, ...]:
@@ -97,6 +97,7 @@ class SWAPart(Part):
                 break
             if n.swa_lock == 0 and n.swa:
                 self.evictable -= len(n)
+            self.tree.undo.save(n)
             n.swa_lock += 1
 
     def on_unlock(self, handle: LockHandle, unlocked: list[Node]) -> None:
@@ -109,6 +110,7 @@ class SWAPart(Part):
                 break
             if n.start < end:
                 ensure(n.swa_lock > 0, "unlocking an unlocked node")
+                self.tree.undo.save(n)
                 n.swa_lock -= 1
                 if n.swa_lock == 0 and n.swa:
                     self.evictable += len(n)
@@ -144,6 +146,7 @@ class SWAPart(Part):
 
     def restore(self, node: Node) -> None:
         """``node``'s device SWA KV is mapped again (adopted or loaded back)."""
+        self.tree.undo.save(node)
         node.swa = True
         self.cached += len(node)
         if node.swa_lock == 0:
@@ -165,6 +168,7 @@ class SWAPart(Part):
         if node.swa:
             self.cached -= len(node)
             self.evictable -= len(node)
+            self.tree.undo.save(node)
             node.swa = False
 
     def evict(self, target: int, dropped: list[torch.Tensor], tombstoned: list[Node]) -> None:
@@ -228,6 +232,7 @@ class SWAPart(Part):
     def tombstone(self, node: Node, tombstoned: list[Node]) -> int:
         """Drop a node's device SWA KV (the tree frees it); keep its full KV. Tokens freed."""
         ensure(node.swa and node.swa_lock == 0, "tombstoning a locked or absent SWA node")
+        self.tree.undo.save(node)
         node.swa = False
         tombstoned.append(node)
         self.cached -= len(node)
