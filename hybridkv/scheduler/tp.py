@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from hybridkv.errors import ensure
+
 
 class TPSync:
     """MIN-reduces decision inputs across a torch.distributed group, one packed all-reduce per call.
@@ -67,3 +69,13 @@ class TPSync:
                 f"{len(ints)} here, {-out[0]} on another rank"
             )
         return out[1:]
+
+    def check(self) -> None:
+        """Raise :class:`~hybridkv.errors.CheckError` unless every rank has made as many
+        collective calls as this one. Itself one call (counted, on every rank alike)."""
+        low, minus_high = self.reduce_min([self.calls, -self.calls])
+        ensure(
+            low == -minus_high,
+            f"TP ranks made different numbers of collective calls: {self.calls} here, "
+            f"{low} to {-minus_high} across the group",
+        )
