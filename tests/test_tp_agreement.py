@@ -293,3 +293,42 @@ def test_check_catches_a_skipped_call(runs: dict) -> None:
     for name in SCENARIOS:
         for rank in range(WORLD):
             assert "different numbers of collective calls" in runs[name][rank]["skipped_call"]
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_usable_ends_predict_match_prefix(tmp_path: Path, recurrent: bool) -> None:
+    """The read-only figures the ranks reduce agree with what a match then does: for every
+    page boundary ``p`` that ``usable_ends`` marks, ``match_prefix(tokens, p)`` matches
+    exactly ``p`` tokens, and at every other one less; ``reach`` is where the walk ends.
+    Checked on trees with device, host-only (some prefetched from storage) and tombstoned
+    nodes, and snapshots."""
+    if recurrent:
+        mm = MemoryManager(_mamba_config(256))
+    else:
+        mm = MemoryManager(_swa_config(256, _stored(tmp_path / "kv")))
+    eng = FakeEngine(mm, vocab=VOCAB)
+    tree, checked, from_host = mm.tree, 0, 0
+    for i, (_, req) in enumerate(_requests()[:40]):
+        eng.add(req)
+        while eng.step()[0] is not None:
+            pass
+        mm.check()
+        if not recurrent and i % 8 == 0:
+            for prefix in _prefixes():
+                _, reached = tree.reach(prefix, len(prefix))
+                tree.prefetch(prefix, tree.storage_reach(prefix, reached, len(prefix)))
+        for _, other in _requests()[:40]:
+            ids, limit = list(other.input_ids), len(other.input_ids) - 1
+            _, reached = tree.reach(ids, limit)
+            ends = tree.usable_ends(ids, reached)
+            assert len(ends) == reached // PAGE
+            for k, usable in enumerate(ends):
+                match = tree.match_prefix(ids, (k + 1) * PAGE)
+                got = match.length + match.host_hit_length
+                assert (got == (k + 1) * PAGE) == usable, (other.rid, k)
+                checked += usable
+                loads = match.host_hit_length + match.swa_host_hit_length + match.state_from_host
+                from_host += usable and loads > 0
+            assert tree.reach(ids, limit)[1] == reached
+        mm.check()
+    assert checked > 0 and from_host > 0
