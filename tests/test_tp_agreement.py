@@ -120,6 +120,14 @@ def _digest(plan: object) -> tuple | None:
 def _run_rank(config: CacheConfig) -> dict:
     mm = MemoryManager(config, tp_group=dist.group.WORLD)
     eng = FakeEngine(mm, vocab=VOCAB)
+    released: list[int] = []
+    release = mm.tree.release_prefetched
+
+    def spy(prefetches: list) -> int:
+        released.append(release(prefetches))
+        return released[-1]
+
+    mm.tree.release_prefetched = spy
     pending = _requests()
     compute_diffs, source_diffs, call_diffs, per_step = [], [], [], []
     finished: list[str] = []
@@ -156,6 +164,7 @@ def _run_rank(config: CacheConfig) -> dict:
         "finished": sorted(finished),
         "unfinished": sorted(set(r.rid for _, r in _requests()) - set(finished)),
         "stats": stats,
+        "released": released,
     }
 
 
@@ -276,6 +285,17 @@ def test_storage_only_differences_keep_the_trees_identical(runs: dict) -> None:
     assert run[0]["source_diffs"] == run[1]["source_diffs"] == []
     assert run[0]["stats"] == run[1]["stats"]
     assert run[0]["stats"]["storage_hit_tokens"] > 0
+
+
+def test_a_prefetch_that_failed_on_one_rank_is_dropped_on_both(runs: dict) -> None:
+    """Rank 1's corrupt page: its read failed where rank 0's arrived, so rank 0 dropped
+    what it had prefetched in that round (and rank 1, with as much host memory, had nothing
+    to drop). With rank 1's host pool smaller, its prefetches fail for room too."""
+    r0, r1 = runs["storage differs"][0]["released"], runs["storage differs"][1]["released"]
+    assert len(r0) == len(r1) > 0
+    assert sum(r0) > 0 and sum(r1) == 0
+    r0, r1 = (runs["host and storage differ"][r]["released"] for r in range(WORLD))
+    assert len(r0) == len(r1) > 0 and sum(r0) > 0
 
 
 def test_differing_host_pools_were_exercised(runs: dict) -> None:

@@ -32,7 +32,12 @@ NO_GRANT = Reservation(0, NO_LOAD)  # a matched candidate's placeholder until it
 
 class Prefill:
     """Plans prefill steps: the chunked request's next chunk, then waiting requests in order
-    while every pool has room for what they cost (the one cost function)."""
+    while every pool has room for what they cost (the one cost function).
+
+    Under TP every decision comes from figures reduced across the ranks, in rounds of three
+    collectives each (:meth:`_reach`, :meth:`_admit_round`): whether a step makes another
+    round depends only on reduced figures, so every rank makes the same calls.
+    """
 
     def __init__(
         self,

@@ -1,9 +1,12 @@
 """Tensor-parallel agreement: every rank must build the same tree and the same plans.
 
 Ranks run the same requests but may see different local results (a storage backend
-that holds less of a prefix, a prefetch that finished on one rank only). Every decision
-input that can differ is MIN-reduced across ``tp_group`` in ONE packed all-reduce, so
-all ranks decide on the smallest value any of them can serve.
+that holds less of a prefix, a prefetch that finished on one rank only, a smaller host
+pool). Every decision input that can differ is MIN-reduced across ``tp_group``, one
+packed all-reduce per call, so all ranks decide on the smallest value any of them can serve
+(the largest, for a cost, reduced negated). Which calls a step makes depends only on
+reduced values and on what every rank has alike (queues, request rows): see
+:class:`~hybridkv.scheduler.prefill.Prefill`.
 
 NOTE: a rank must never skip the call because its own values look trivial (nothing
 matched, nothing to prefetch). The other ranks are blocked in the same all-reduce and
