@@ -738,13 +738,10 @@ def test_prefetch_of_window_swa_is_all_or_nothing(tmp_path: Path) -> None:
     host.storage.write(keys[7:], full[7:], swa[7:])
     free0 = (host.full.available, host.swa.available)
 
-    def no_tp(values: list[int]) -> list[int]:
-        return list(values)
-
-    assert tree.prefetch(tokens, 32, no_tp) == 0
+    assert tree.prefetch(tokens, 32) == []
     assert (host.full.available, host.swa.available) == free0 and not tree.nodes()
     # Only the first 24 tokens: their window (pages 2-5) has SWA: all of it is taken.
-    assert tree.prefetch(tokens, 24, no_tp) == 24
+    assert sum(len(n) for n in tree.prefetch(tokens, 24)) == 24
     match = tree.match_prefix(tokens[:24])
     assert (match.host_hit_length, match.swa_host_hit_length) == (24, 16)
     hosts = [n for n in tree.nodes()]

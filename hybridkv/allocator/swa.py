@@ -92,7 +92,7 @@ class SWAAllocator(FreeGroup):
         full_slots = self.full.alloc_extend(prefix, seq, last_loc, device_lens, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_extend(prefix, seq, swa_last_loc, device_lens, need)
-            self._map(full_slots, swa_slots)
+            self.map_swa(full_slots, swa_slots)
         return full_slots
 
     def alloc_decode(
@@ -119,11 +119,11 @@ class SWAAllocator(FreeGroup):
         full_slots = self.full.alloc_decode(seq, last_loc, seq_lens_device, need)
         if swa_last_loc is not None:
             swa_slots = self.swa.alloc_decode(seq, swa_last_loc, seq_lens_device, need)
-            self._map(full_slots, swa_slots)
+            self.map_swa(full_slots, swa_slots)
         return full_slots
 
-    def _map(self, full_slots: torch.Tensor, swa_slots: torch.Tensor) -> None:
-        """Map new ``full_slots`` (of pages that were free: mapped to none) to ``swa_slots``."""
+    def map_swa(self, full_slots: torch.Tensor, swa_slots: torch.Tensor) -> None:
+        """Map ``full_slots``, which map to none (new, or tombstoned), to ``swa_slots``."""
         self.full_to_swa.index_copy_(0, full_slots, swa_slots)
         self._undo.on_undo(lambda: self.full_to_swa.index_fill_(0, full_slots, 0))
 

@@ -15,7 +15,7 @@ from hybridkv.scheduler.records import (
     ReqState,
 )
 from hybridkv.scheduler.table import RequestTable
-from hybridkv.tree import EvictParams, MatchResult, RadixTree
+from hybridkv.tree import EvictParams, RadixTree
 
 
 class Admission:
@@ -63,20 +63,23 @@ class Admission:
             state,
         )
 
-    def swa_held(self, req: ReqState, match: MatchResult | None = None) -> int:
-        """SWA KV present on the device that a request keeps alive, which its chunk's charge
-        counts as had: the window of its prefix that its lock pins and, once running, its own
-        SWA KV not yet released. For a new request (``match``: its matched prefix) that is
-        the prefix's last window less what of it is still to be loaded back from host (a
-        tombstone in the window is pinned but holds nothing yet)."""
+    def swa_held(self, req: ReqState) -> int:
+        """SWA KV present on the device that a running request keeps alive, which its chunk's
+        charge counts as had: the window of its prefix that its lock pins and its own SWA KV
+        not yet released."""
         if self.config.window is None:
             return 0
-        if match is not None:
-            end = match.last_host_node.end
-            return end - self.window_start(end) - match.swa_host_hit_length
         pinned = max(0, req.lock.node.end - req.lock.swa_start)
         t, row = self.table, req.row
         return pinned + int(t.alloc_len[row] - max(t.cached_len[row], t.released[row]))
+
+    def prefix_swa_held(self, end: int, swa_load: int) -> int:
+        """The same for a new request whose matched prefix ends at ``end``: the prefix's last
+        window less the ``swa_load`` of it still to be loaded back from host (a tombstone in
+        the window is pinned but holds nothing yet)."""
+        if self.config.window is None:
+            return 0
+        return end - self.window_start(end) - swa_load
 
     def running_reservation(self) -> Cost:
         """Full tokens held back for running decodes; SWA tokens they may still grow by."""

@@ -384,7 +384,9 @@ class MemoryManager:
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page
         of each pool is in exactly one of the free list, the tree and a running request; lock
-        counts match the running requests' locks."""
+        counts match the running requests' locks; every TP rank made as many collective calls
+        (first, so that no rank waits in it for one whose local check failed)."""
+        self.tp.check()
         self.tree.check()
         self.allocator.check()
         alloc, ps, t, q = self.allocator, self.config.page_size, self.table, self.queues

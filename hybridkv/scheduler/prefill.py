@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import astuple, replace
+
 import numpy as np
 import torch
 
@@ -15,17 +18,27 @@ from hybridkv.scheduler.cost import NO_LOAD, Cost
 from hybridkv.scheduler.pages import PlanBuilder
 from hybridkv.scheduler.plan import StepBatch, StepPlan
 from hybridkv.scheduler.queues import Queues
-from hybridkv.scheduler.records import Admitted, ReqState, prefix_load
+from hybridkv.scheduler.records import Admitted, ReqState, Reservation, prefix_load
 from hybridkv.scheduler.swa_slide import SWASlide
 from hybridkv.scheduler.table import RequestTable
 from hybridkv.scheduler.tp import TPSync
-from hybridkv.tree import MatchResult, RadixTree
+from hybridkv.tree import Node, RadixTree
 from hybridkv.undo import UndoLog
+
+# Waiting requests matched in a step's first round of admission; each further round (taken
+# only when every candidate of the last one was admitted whole) matches twice as many.
+FIRST_ROUND = 4
+NO_GRANT = Reservation(0, NO_LOAD)  # a matched candidate's placeholder until it is admitted
 
 
 class Prefill:
     """Plans prefill steps: the chunked request's next chunk, then waiting requests in order
-    while every pool has room for what they cost (the one cost function)."""
+    while every pool has room for what they cost (the one cost function).
+
+    Under TP every decision comes from figures reduced across the ranks, in rounds of three
+    collectives each (:meth:`_reach`, :meth:`_admit_round`): whether a step makes another
+    round depends only on reduced figures, so every rank makes the same calls.
+    """
 
     def __init__(
         self,
@@ -63,25 +76,30 @@ class Prefill:
         admitted: list[Admitted] = []
         chunked = q.chunked
         if chunked is not None:
-            row = chunked.row
-            self.slide.release(np.array([row], dtype=np.int64))
-            held = adm.swa_held(chunked)
-            start, fill_len = int(t.kv_len[row]), int(t.fill_len[row])
-            granted = adder.admit(
-                adm.rooms(), start, fill_len - start, adm.decode_reserve(chunked, False), held
-            )
-            if granted is None:
-                return None
-            admitted.append(Admitted(chunked, start, fill_len, granted))
-        for req in q.waiting:
-            if len(admitted) - (chunked is not None) == t.free_rows:
+            self.slide.release(np.array([chunked.row], dtype=np.int64))
+        size = FIRST_ROUND
+        while True:
+            new = sum(a.match is not None for a in admitted)
+            count = min(size, t.free_rows - new, len(q.waiting) - new)
+            cands = list(itertools.islice(q.waiting, new, new + max(count, 0)))
+            first = chunked is not None and not admitted
+            if not first and not cands:
                 break
-            if admitted and not admitted[-1].completes:
-                break  # a partial chunk took what was left
-            a = self._admit_new(req, adder, bool(admitted))
-            if a is None:
+            rooms, reach = self._reach(cands, first)
+            if first:
+                granted = self._admit_chunked(chunked, adder, rooms)
+                if granted is None:
+                    return None
+                admitted.append(granted)
+                if not granted.completes:
+                    break
+            if not cands:
                 break
-            admitted.append(a)
+            got = self._admit_round(cands, reach, adder, bool(admitted))
+            admitted += got
+            if len(got) < len(cands) or not got[-1].completes:
+                break
+            size *= 2
         if not admitted:
             return None
         for a in admitted:
@@ -97,46 +115,154 @@ class Prefill:
                 q.set_chunked(a.req)
         return plan
 
-    def _admit_new(self, req: ReqState, adder: PrefillAdder, others: bool) -> Admitted | None:
-        """Match a waiting request, pin what its admission counts on and offer its first chunk
-        to ``adder``; ``None`` (everything undone) when it does not fit.
+    def _admit_chunked(self, req: ReqState, adder: PrefillAdder, rooms: Cost) -> Admitted | None:
+        """The chunked request's next chunk, from the rooms every rank has."""
+        t, adm = self.table, self.admission
+        row = req.row
+        start, fill_len = int(t.kv_len[row]), int(t.fill_len[row])
+        reserve = adm.decode_reserve(req, False)
+        granted = adder.admit(rooms, start, fill_len - start, reserve, adm.swa_held(req))
+        return None if granted is None else Admitted(req, start, fill_len, granted)
+
+    def _reach(self, cands: list[ReqState], chunked: bool) -> tuple[Cost, list[tuple[int, int]]]:
+        """The round's first collective: the rooms (when the chunked request asks for its next
+        chunk) and, per candidate, how far the tree reaches into its ids and how far storage
+        continues from there. Returns the MIN over ranks: rooms and ``(tree, storage)`` ends.
+        """
+        local = list(astuple(self.admission.rooms())) if chunked else []
+        for req in cands:
+            limit = len(req.fill_ids) - 1
+            _, end = self.tree.reach(req.fill_ids, limit)
+            local += [end, self.tree.storage_reach(req.fill_ids, end, limit)]
+        common = self.tp.reduce_min(local)
+        rooms = Cost(*common[:3]) if chunked else Cost()
+        ends = common[3 if chunked else 0 :]
+        return rooms, list(zip(ends[::2], ends[1::2], strict=True))
+
+    def _admit_round(
+        self,
+        cands: list[ReqState],
+        reach: list[tuple[int, int]],
+        adder: PrefillAdder,
+        others: bool,
+    ) -> list[Admitted]:
+        """Prefetch, match and admit ``cands`` in order, up to the first that does not fit,
+        from figures every rank shares; the rest are left as they were (their prefetches
+        stay on host). Two collectives, whatever the local state:
+
+        1. per candidate, which prefix lengths this rank can serve (after prefetching from
+           storage up to the common storage end), and whether every prefetch arrived: each
+           takes the longest length every rank can serve (and if a prefetch failed anywhere,
+           every rank drops this round's prefetches and serves what it had before);
+        2. per candidate, the rooms after locking it and what loading its prefix back takes:
+           admission uses the smallest rooms and the largest loads of any rank.
+
+        What a round counts on stays pinned on host meanwhile: the paths the tree reached
+        before it and what it prefetched (a prefetch's host eviction could drop them).
+        """
+        tree, ps = self.tree, self.config.page_size
+        pins = []
+        for req in cands:
+            node, _ = tree.reach(req.fill_ids, len(req.fill_ids) - 1)
+            tree.pin_host(node, 0, +1)
+            pins.append((node, 0))
+        fetched: list[tuple[ReqState, Node, int, int]] = []  # (req, last node, start, tokens)
+        arrived = 1
+        for req, (_, end) in zip(cands, reach, strict=True):
+            nodes = tree.prefetch(req.fill_ids, end)
+            if nodes:
+                start = nodes[0].start
+                tree.pin_host(nodes[-1], start, +1)
+                fetched.append((req, nodes[-1], start, end - start))
+            arrived &= int(tree.reach(req.fill_ids, end)[1] == end)
+        local = [arrived]
+        for req, (_, end) in zip(cands, reach, strict=True):
+            local += map(int, tree.usable_ends(req.fill_ids, end))
+        common = self.tp.reduce_min(local)
+        for _, node, start, _ in fetched:
+            tree.pin_host(node, start, -1)
+        if common[0]:
+            for req, _, _, tokens in fetched:
+                self.undo.save(req, "prefetched")
+                req.prefetched += tokens
+        else:
+            tree.release_prefetched([(node, start) for _, node, start, _ in fetched])
+        lengths, offset = [], 1
+        for before, end in reach:
+            usable = common[offset : offset + end // ps]
+            offset += end // ps
+            top = end if common[0] else min(before, end)
+            lengths.append(_longest(usable, top // ps) * ps)
+        return self._admit_matched(cands, lengths, pins, adder, others)
+
+    def _admit_matched(
+        self,
+        cands: list[ReqState],
+        lengths: list[int],
+        pins: list[tuple[Node, int]],
+        adder: PrefillAdder,
+        others: bool,
+    ) -> list[Admitted]:
+        """Match each candidate to its common length and pin what its admission counts on,
+        reduce the rooms and loads, and admit in order up to the first that does not fit or
+        gets a partial chunk (everything of those after it undone). ``pins``: the round's host pins,
+        dropped once every candidate holds its own.
 
         Pinned until the step uses them: the device prefix and its window's SWA (the lock),
         the host copies to load back and, with recurrent layers, the snapshot that seeds the
         working state (on device, and its host copy when it comes back from there: a backup
         during this step's eviction could otherwise drop it to make host room).
         """
-        adm = self.admission
-        match = self._match(req)
-        lock = self.tree.inc_lock(match.last_node, adm.window_start(match.last_host_node.end))
-        seed = match.last_host_node if self.states is not None else None
-        load_start = match.load_start
-        if match.state_from_host:
-            load_start = min(load_start, seed.start)
-        self.tree.pin_host(match.last_host_node, load_start, +1)
-        load = prefix_load(match)
-        prefix_len = match.length + match.host_hit_length
-        self.table.set_lock(req, lock)
-        if seed is not None:
-            self.tree.pin_state(seed, +1)  # its snapshot seeds the working state
-        fill_len = len(req.fill_ids)
-        granted = adder.admit(
-            adm.rooms(),
-            prefix_len,
-            fill_len - prefix_len,
-            adm.decode_reserve(req, others),
-            adm.swa_held(req, match),
-            load,
-            new=True,
-        )
-        if granted is None:
-            if seed is not None:
-                self.tree.pin_state(seed, -1)
-            self.tree.pin_host(match.last_host_node, load_start, -1)
-            self.tree.dec_lock(lock)
-            self.table.set_lock(req, None)
-            return None
-        return Admitted(req, prefix_len, fill_len, granted, match, load, load_start)
+        tree, adm = self.tree, self.admission
+        held: list[Admitted] = []
+        local: list[int] = []
+        for req, length in zip(cands, lengths, strict=True):
+            match = tree.match_prefix(req.fill_ids, length)
+            ensure(
+                match.length + match.host_hit_length == length,
+                f"{req.rid!r}: matched {match.length + match.host_hit_length} tokens, "
+                f"not the {length} every TP rank can serve",
+            )
+            end = match.last_host_node
+            self.table.set_lock(req, tree.inc_lock(match.last_node, adm.window_start(end.end)))
+            load_start = match.load_start
+            if match.state_from_host:
+                load_start = min(load_start, end.start)
+            tree.pin_host(end, load_start, +1)
+            if self.states is not None:
+                tree.pin_state(end, +1)  # its snapshot seeds the working state
+            load = prefix_load(match)
+            local += [*astuple(adm.rooms()), -load.full, -load.swa, -load.state]
+            held.append(Admitted(req, length, len(req.fill_ids), NO_GRANT, match, load, load_start))
+        for node, start in pins:
+            tree.pin_host(node, start, -1)
+        common = self.tp.reduce_min(local)
+        admitted: list[Admitted] = []
+        for i, a in enumerate(held):
+            figures = common[6 * i : 6 * i + 6]
+            load = Cost(-figures[3], -figures[4], -figures[5])
+            granted = adder.admit(
+                Cost(*figures[:3]),
+                a.start,
+                a.fill_len - a.start,
+                adm.decode_reserve(a.req, others or bool(admitted)),
+                adm.prefix_swa_held(a.start, load.swa),
+                load,
+                new=True,
+            )
+            if granted is None:
+                break
+            admitted.append(replace(a, reservation=granted))
+            if not admitted[-1].completes:
+                break  # a partial chunk took what was left
+        for a in held[len(admitted) :]:
+            end = a.match.last_host_node
+            if self.states is not None:
+                tree.pin_state(end, -1)
+            tree.pin_host(end, a.load_start, -1)
+            tree.dec_lock(a.req.lock)
+            self.table.set_lock(a.req, None)
+        return admitted
 
     def _extend(self, admitted: list[Admitted]) -> StepPlan:
         """Evict what the batch lacks, load back matched host KV, allocate the new tokens in one
@@ -195,23 +321,6 @@ class Prefill:
         )
         t.alloc_len[rows] = seq_lens
         return self.pages.build(batch, out, inputs)
-
-    def _match(self, req: ReqState) -> MatchResult:
-        """Prefetch from storage, then match: the same result on every TP rank.
-
-        Every rank makes the same collective calls whatever its local state: one MIN
-        reduction for the prefetch, one for the match lengths; a rank that matched more than
-        another (its trees drifted) re-matches to the common length.
-        """
-        limit = len(req.fill_ids) - 1
-        self.undo.save(req, "prefetched")
-        req.prefetched += self.tree.prefetch(req.fill_ids, limit, self.tp.reduce_min)
-        match = self.tree.match_prefix(req.fill_ids, limit)
-        local = [match.length, match.host_hit_length, match.swa_host_hit_length]
-        common = self.tp.reduce_min(local)
-        if common != local:
-            match = self.tree.match_prefix(req.fill_ids, common[0] + common[1])
-        return match
 
     def _take_prefixes(self, new: list[Admitted]) -> list[torch.Tensor]:
         """Load the new requests' host hits back (one call per pool), move each lock to the end
@@ -292,3 +401,8 @@ class Prefill:
         # evict an unpinned seed snapshot and overwrite its slot before the copy read it.
         for a in new:
             self.tree.pin_state(a.match.last_host_node, -1)
+
+
+def _longest(usable: list[int], pages: int) -> int:
+    """The most leading pages, at most ``pages``, whose end every rank can serve (0: none)."""
+    return next((k + 1 for k in range(pages - 1, -1, -1) if usable[k]), 0)

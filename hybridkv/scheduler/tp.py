@@ -1,9 +1,12 @@
 """Tensor-parallel agreement: every rank must build the same tree and the same plans.
 
 Ranks run the same requests but may see different local results (a storage backend
-that holds less of a prefix, a prefetch that finished on one rank only). Every decision
-input that can differ is MIN-reduced across ``tp_group`` in ONE packed all-reduce, so
-all ranks decide on the smallest value any of them can serve.
+that holds less of a prefix, a prefetch that finished on one rank only, a smaller host
+pool). Every decision input that can differ is MIN-reduced across ``tp_group``, one
+packed all-reduce per call, so all ranks decide on the smallest value any of them can serve
+(the largest, for a cost, reduced negated). Which calls a step makes depends only on
+reduced values and on what every rank has alike (queues, request rows): see
+:class:`~hybridkv.scheduler.prefill.Prefill`.
 
 NOTE: a rank must never skip the call because its own values look trivial (nothing
 matched, nothing to prefetch). The other ranks are blocked in the same all-reduce and
@@ -19,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from hybridkv.errors import ensure
 
 
 class TPSync:
@@ -67,3 +72,13 @@ class TPSync:
                 f"{len(ints)} here, {-out[0]} on another rank"
             )
         return out[1:]
+
+    def check(self) -> None:
+        """Raise :class:`~hybridkv.errors.CheckError` unless every rank has made as many
+        collective calls as this one. Itself one call (counted, on every rank alike)."""
+        low, minus_high = self.reduce_min([self.calls, -self.calls])
+        ensure(
+            low == -minus_high,
+            f"TP ranks made different numbers of collective calls: {self.calls} here, "
+            f"{low} to {-minus_high} across the group",
+        )

@@ -9,7 +9,6 @@ a host tier has this part; it reads and refills the device parts it mirrors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -263,27 +262,35 @@ class HostPart(Part):
 
     # ---------------------------------------------------------------- storage
 
-    def prefetch(
-        self, tokens: list[int], limit: int, reduce_min: Callable[[list[int]], list[int]]
-    ) -> int:
-        """Read the pages of ``tokens[:limit]`` that storage holds beyond the tree into host
-        memory, as host-only nodes a match then loads back. Returns the tokens prefetched.
+    def storage_reach(self, tokens: list[int], start: int, limit: int) -> int:
+        """Where the run of pages of ``tokens[:limit]`` that storage holds from ``start`` (a page
+        boundary the tree reaches) ends; ``start`` without storage. Stat only: a corrupt page
+        still counts until a read finds it out."""
+        host, ps = self.host, self.page_size
+        if host.storage is None:
+            return start
+        limit -= limit % ps
+        keys = host.storage.keys(tokens[:limit], ps)[start // ps :]
+        return start + host.storage.contains(keys) * ps
 
-        ``reduce_min`` reduces across TP ranks: how many pages to read, then whether all of
-        them arrived. The window's SWA pages are all or nothing (SGLang PR 27264): unless
-        every page and the window's SWA arrived on every rank, the whole prefetch is released.
+    def prefetch(self, tokens: list[int], end: int) -> list[Node]:
+        """Read the pages of ``tokens[:end]`` beyond the tree from storage into host memory,
+        as host-only nodes a match then loads back. Returns the nodes hung (parent first;
+        none when the tree reaches ``end`` already, or the read failed).
+
+        All or nothing: unless every page arrived, with SWA data for the window before
+        ``end`` (SGLang PR 27264), and the host pools had room, nothing is kept. Local only:
+        the caller agrees ``end`` across TP ranks and drops what one rank kept with
+        :meth:`release_prefetched` when another's read failed.
         """
         host, ps, tree = self.host, self.page_size, self.tree
-        if host.storage is None:
-            return 0
-        limit -= limit % ps
-        nodes = tree.walk(tokens, limit)
+        if host.storage is None or tree.reach(tokens, end)[1] >= end:
+            return []
+        nodes = tree.walk(tokens, end)
         parent = nodes[-1] if nodes else tree.root
-        keys = host.storage.keys(tokens[:limit], ps)[parent.end // ps :]
-        (count,) = reduce_min([host.storage.contains(keys)])
-        if count == 0:
-            return 0
-        start, end = parent.end, parent.end + count * ps
+        start = parent.end
+        count = (end - start) // ps
+        keys = host.storage.keys(tokens[:end], ps)[start // ps :]
         window_start = end
         if tree.swa_part is not None:
             window_start = max(start, tree.swa_part.window_start(end))
@@ -294,23 +301,53 @@ class HostPart(Part):
             if host.swa is None
             else torch.empty(count, *host.swa.buf.shape[1:], dtype=host.swa.buf.dtype)
         )
-        read, has_swa = host.storage.read(keys[:count], full_buf, swa_buf)
+        read, has_swa = host.storage.read(keys, full_buf, swa_buf)
         first_window_page = (window_start - start) // ps
-        arrived = int(read == count and all(has_swa[first_window_page:read]))
-        if full_pages is None or swa_pages is None:
-            arrived = 0
-        (arrived,) = reduce_min([arrived])
-        if not arrived:
+        arrived = read == count and all(has_swa[first_window_page:read])
+        if not arrived or full_pages is None or swa_pages is None:
             if full_pages is not None:
                 host.full.free(full_pages)
             if swa_pages is not None and swa_pages.numel():
                 host.swa.free(swa_pages)
-            return 0
+            return []
         host.full.buf[full_pages] = full_buf
         if swa_pages.numel():
             host.swa.buf[swa_pages] = swa_buf[first_window_page:]
-        self._add_path(parent, tokens, start, window_start, end, full_pages, swa_pages)
-        return count * ps
+        return self._add_path(parent, tokens, start, window_start, end, full_pages, swa_pages)
+
+    def release_prefetched(self, prefetches: list[tuple[Node, int]]) -> int:
+        """Drop what prefetches kept: for each ``(node, start)``, the host-only nodes on the
+        path to ``node`` from position ``start`` (what :meth:`prefetch` hung there, however
+        later walks split it). Nothing else may hang below them or pin them. Returns the
+        host tokens freed."""
+        host, ps = self.host, self.page_size
+        drop: dict[int, Node] = {}
+        for end, start in prefetches:
+            for n in end.path():
+                if n.start < start:
+                    break
+                drop[n.uid] = n
+        full, swa = [], []
+        for n in sorted(drop.values(), key=lambda n: -n.start):
+            ensure(
+                not n.on_device and not n.host_lock and n.host_state is None,
+                "releasing a prefetched node that is on device, pinned or has a snapshot",
+            )
+            full.append(_pages(n.host_full, ps))
+            self.cached_full -= len(n)
+            if n.host_swa is not None:
+                swa.append(_pages(n.host_swa, ps))
+                self.cached_swa -= len(n)
+            self.tree.undo.save(n)
+            n.host_full = n.host_swa = None
+            parent = n.parent
+            self.tree.detach(n)
+            self.queue(parent)
+        if full:
+            host.full.free(torch.cat(full))
+        if swa:
+            host.swa.free(torch.cat(swa))
+        return sum(len(n) for n in drop.values())
 
     def _room(
         self, parent: Node, full_pages: int, swa_pages: int
@@ -343,10 +380,12 @@ class HostPart(Part):
         end: int,
         full_pages: torch.Tensor,
         swa_pages: torch.Tensor,
-    ) -> None:
-        """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window."""
+    ) -> list[Node]:
+        """Hang prefetched host-only nodes under ``parent``: SWA KV only in the last window.
+        Returns them, parent first."""
         ps, tree = self.page_size, self.tree
         tree.touch()
+        added: list[Node] = []
         for a, b in ((start, window_start), (window_start, end)):
             if a == b:
                 continue
@@ -359,8 +398,10 @@ class HostPart(Part):
                 self.cached_swa += b - a
             self.cached_full += b - a
             tree.add_host_node(parent, node)
+            added.append(node)
             parent = node
         self.queue(parent)
+        return added
 
     # ---------------------------------------------------------------- load back
 
@@ -409,7 +450,7 @@ class HostPart(Part):
         offset = 0
         for n in swa_nodes:
             k = len(n) // ps
-            alloc.full_to_swa[n.full] = _slots(swa_pages[offset : offset + k], ps)
+            alloc.map_swa(n.full, _slots(swa_pages[offset : offset + k], ps))
             offset += k
             swa.restore(n)
         self.loaded_swa_tokens += n_swa * ps

@@ -17,7 +17,6 @@ SWA usability of a match (window ``w``)::
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +225,57 @@ class RadixTree:
         state_from_host = self.state_part is not None and bool(nodes) and nodes[-1].state is None
         return MatchResult(slots, last, tuple(host), tuple(swa_nodes), state_from_host)
 
+    def reach(self, tokens: list[int], limit: int) -> tuple[Node, int]:
+        """How far ``tokens[:limit]`` runs into the tree (device or host), without splitting
+        or touching anything: the last node it enters (perhaps only partly) and the position
+        reached, a page multiple."""
+        node, pos, ps = self.root, 0, self.page_size
+        limit -= limit % ps
+        while pos < limit:
+            child = node.children.get(tuple(tokens[pos : pos + ps]))
+            if child is None:
+                break
+            node = child
+            pos += self._common_len(child.key, tokens, pos, limit)
+            if pos < child.end:
+                break
+        return node, pos
+
+    def usable_ends(self, tokens: list[int], end: int) -> list[bool]:
+        """For each page boundary ``p`` in ``(0, end]`` (``end`` a page multiple), whether
+        ``match_prefix(tokens, p)`` would match exactly ``p`` tokens (device and host), by
+        every part's rule. Read only: no split, no LRU or hit-count update."""
+        ps = self.page_size
+        pages: list[Node] = []  # one stand-in per page, as a split at its end would leave it
+        node = self.root
+        while len(pages) * ps < end:
+            pos = len(pages) * ps
+            child = node.children.get(tuple(tokens[pos : pos + ps]))
+            if child is None:
+                break
+            reached = pos + self._common_len(child.key, tokens, pos, end)
+            for p in range(pos + ps, reached + 1, ps):
+                at_end = p == child.end
+                pages.append(
+                    Node(
+                        uid=-1,
+                        key=tokens[p - ps : p],
+                        start=p - ps,
+                        parent=None,
+                        full=child.full,
+                        swa=child.swa,
+                        host_full=child.host_full,
+                        host_swa=child.host_swa,
+                        state=child.state if at_end else None,
+                        host_state=child.host_state if at_end else None,
+                    )
+                )
+            if reached < child.end:
+                break
+            node = child
+        ok = self._usable_mask(pages)
+        return ok + [False] * (end // ps - len(ok))
+
     def path_tokens(self, node: Node) -> list[int]:
         """The token ids of the whole path to ``node``."""
         return [t for n in reversed(node.path()) for t in n.key]
@@ -254,17 +304,20 @@ class RadixTree:
     def _usable(self, nodes: list[Node]) -> int:
         """How many of ``nodes`` form the longest prefix every part can use (for SWA: its last
         window has SWA KV on device or host; for recurrent layers: it ends at a snapshot)."""
-        ok: list[bool] | None = None
-        for part in self.parts:
-            mask = part.usable(nodes)
-            if mask is not None:
-                ok = mask if ok is None else [a and b for a, b in zip(ok, mask, strict=True)]
-        if ok is None:
-            return len(nodes)
+        ok = self._usable_mask(nodes)
         usable = len(ok)
         while usable and not ok[usable - 1]:
             usable -= 1
         return usable
+
+    def _usable_mask(self, nodes: list[Node]) -> list[bool]:
+        """Per node of a matched path: may a prefix end there for every part."""
+        ok = [True] * len(nodes)
+        for part in self.parts:
+            mask = part.usable(nodes)
+            if mask is not None:
+                ok = [a and b for a, b in zip(ok, mask, strict=True)]
+        return ok
 
     def _common_len(self, key: list[int], tokens: list[int], pos: int, limit: int) -> int:
         """Whole pages of ``key`` equal to ``tokens[pos:limit]`` (the first page is known equal)."""
@@ -605,14 +658,24 @@ class RadixTree:
         ensure(self.host_part is not None, "a load back without a host tier")
         return self.host_part.load_back(ends)
 
-    def prefetch(
-        self, tokens: list[int], limit: int, reduce_min: Callable[[list[int]], list[int]]
-    ) -> int:
-        """Read what storage holds of ``tokens[:limit]`` beyond the tree into host memory
-        (see :meth:`HostPart.prefetch`). Returns the tokens prefetched."""
+    def storage_reach(self, tokens: list[int], start: int, limit: int) -> int:
+        """Where the pages of ``tokens[:limit]`` that storage holds from ``start`` end (see
+        :meth:`HostPart.storage_reach`); ``start`` without storage."""
         if self.host_part is None:
-            return 0
-        return self.host_part.prefetch(tokens, limit, reduce_min)
+            return start
+        return self.host_part.storage_reach(tokens, start, limit)
+
+    def prefetch(self, tokens: list[int], end: int) -> list[Node]:
+        """Read what storage holds of ``tokens[:end]`` beyond the tree into host memory, all
+        or nothing (see :meth:`HostPart.prefetch`). Returns the nodes hung, parent first."""
+        if self.host_part is None:
+            return []
+        return self.host_part.prefetch(tokens, end)
+
+    def release_prefetched(self, prefetches: list[tuple[Node, int]]) -> int:
+        """Drop what prefetches kept (see :meth:`HostPart.release_prefetched`)."""
+        ensure(self.host_part is not None, "releasing a prefetch without a host tier")
+        return self.host_part.release_prefetched(prefetches)
 
     def pin_host(self, end: Node, start: int, delta: int) -> None:
         """Pin (``+1``) or unpin (``-1``) the host copies of positions ``[start, end.end)`` on
