@@ -2,7 +2,8 @@
 
 A step (``schedule()`` or ``commit()``) runs inside :meth:`UndoLog.step`. Before a part
 first changes a host object in place during the step it calls :meth:`UndoLog.save` on it
-(the object's attributes are kept, containers copied one level deep); device state it
+(the object's attributes are kept, containers copied one level deep but for those its
+class names in ``UNDO_BY_REFERENCE``, which it only ever replaces); device state it
 changes in place it registers a restoring function for with :meth:`UndoLog.on_undo`. If the
 step raises, every function runs, latest first, then every saved object gets its attributes
 back, and the exception goes on: pools, tree, table and queues are as they were before the
@@ -16,7 +17,7 @@ page's KV, a free row's token ids), and those need no undo.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -71,12 +72,14 @@ class UndoLog:
             saved[id(obj)] = kept
         values = kept[1]
         if isinstance(obj, _CONTAINERS):
-            values.setdefault("", (obj, _copy(obj)))
+            if "" not in values:
+                values[""] = (obj, _copy(obj))
             return
+        by_reference = getattr(obj, "UNDO_BY_REFERENCE", ())
         for name in fields or _fields(obj):
             if name not in values:
                 value = getattr(obj, name)
-                values[name] = (value, _copy(value))
+                values[name] = (value, value if name in by_reference else _copy(value))
 
     def saved_value(self, obj: object, name: str) -> object:
         """``obj.name`` as the running step found it (saved by :meth:`save` or unchanged)."""
@@ -118,7 +121,14 @@ class UndoLog:
                 _put_back(value, copy)
 
 
-def _fields(obj: object) -> list[str]:
+_SLOTS: dict[type, tuple[str, ...]] = {}
+
+
+def _fields(obj: object) -> Iterable[str]:
     if hasattr(obj, "__dict__"):
         return list(vars(obj))
-    return [name for cls in type(obj).__mro__ for name in getattr(cls, "__slots__", ())]
+    slots = _SLOTS.get(type(obj))
+    if slots is None:
+        names = [n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ())]
+        slots = _SLOTS[type(obj)] = tuple(names)
+    return slots

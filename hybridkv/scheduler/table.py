@@ -27,10 +27,10 @@ if TYPE_CHECKING:
     from hybridkv.tree import LockHandle
 
 
-# What a step may change of the table's host state: its undo log keeps these. A step writes
-# token ids only past a row's fill_len (or into a free row), which nobody reads until it
-# completes, so ``tokens`` needs no keeping.
-STEP_FIELDS = (
+# The per-row int64 fields, rows of one array (``_fields``) so that a step's undo log keeps
+# them all with one copy. A step writes token ids only past a row's fill_len (or into a free
+# row), which nobody reads until it completes, so ``tokens`` needs no keeping.
+ROW_FIELDS = (
     "kv_len",
     "alloc_len",
     "cached_len",
@@ -41,9 +41,7 @@ STEP_FIELDS = (
     "arrival",
     "pin_start",
     "pin_end",
-    "state_slot",
-    "owner",
-    "_free",
+    "state_slot",  # mirrors ReqState.state_slot (-1: none)
 )
 
 
@@ -63,19 +61,28 @@ class RequestTable:
         self.req_to_token = torch.zeros(rows, max_context, dtype=torch.int32, device=device)
         self.flat = self.req_to_token.view(-1)  # position p of row r is flat[r * max_context + p]
         self.tokens = np.zeros((rows, max_context), dtype=np.int64)
-        zeros = lambda: np.zeros(rows, dtype=np.int64)  # noqa: E731
-        self.kv_len, self.alloc_len, self.cached_len = zeros(), zeros(), zeros()
-        self.released, self.fill_len = zeros(), zeros()
-        self.output_len, self.max_new, self.arrival = zeros(), zeros(), zeros()
-        self.pin_start, self.pin_end = zeros(), zeros()
-        self.state_slot = np.full(rows, -1, dtype=np.int64)  # mirrors ReqState.state_slot
+        self._fields = np.zeros((len(ROW_FIELDS), rows), dtype=np.int64)
+        (
+            self.kv_len,
+            self.alloc_len,
+            self.cached_len,
+            self.released,
+            self.fill_len,
+            self.output_len,
+            self.max_new,
+            self.arrival,
+            self.pin_start,
+            self.pin_end,
+            self.state_slot,
+        ) = self._fields
+        self.state_slot[:] = -1
         self.owner: list[ReqState | None] = [None] * rows
         self._free = list(range(rows - 1, -1, -1))
         self._undo = undo or UndoLog()
 
     def begin_step(self) -> None:
-        """Keep what a step may change (it writes the length arrays directly)."""
-        self._undo.save(self, *STEP_FIELDS)
+        """Keep what a step may change (it writes the per-row fields directly)."""
+        self._undo.save(self._fields)
 
     @property
     def free_rows(self) -> int:
@@ -85,6 +92,7 @@ class RequestTable:
         """Give ``req`` a row holding its ids, ``kv_len`` positions of which have KV (its
         cached prefix); return the row."""
         self._undo.save(req)
+        self._undo.save(self, "owner", "_free")
         row = self._free.pop()
         ids = req.fill_ids
         self.tokens[row, : len(ids)] = ids
@@ -102,6 +110,7 @@ class RequestTable:
     def give_back(self, req: ReqState) -> None:
         """Free ``req``'s row, leaving its ids and output count on the request."""
         self._undo.save(req)
+        self._undo.save(self, "owner", "_free")
         row = req.row
         req.fill_ids = self.fill_ids(row)
         req.output_len = int(self.output_len[row])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,8 @@ class Node:
     value and its lock belong to the tree part of its component (``hybridkv.tree.parts``),
     the only code that changes them.
     """
+
+    UNDO_BY_REFERENCE: ClassVar[tuple[str, ...]] = ("key",)  # replaced, never changed in place
 
     uid: int  # creation order in its tree: a deterministic LRU tie-break
     key: list[int]
