@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
+from workloads import VOCAB, small_config, snapshot, tokens
 
 from hybridkv import kernels
 from hybridkv.allocator import HostPool, PagedAllocator, StatePool, SWAAllocator
@@ -27,7 +28,6 @@ from hybridkv.scheduler import MemoryManager, Request
 from hybridkv.sim.engine import FakeEngine
 from hybridkv.tree.storage import FileStorage
 from hybridkv.undo import UndoLog
-from tests.workloads import VOCAB, small_config, snapshot, tokens
 
 WORKLOAD_REQUESTS = 12
 

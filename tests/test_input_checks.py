@@ -88,3 +88,18 @@ def test_swa_model_still_needs_its_window_and_pool(field: str, value: object) ->
     """With SWA layers, sliding_window=None or swa_tokens=0 is a ValueError naming it."""
     with pytest.raises(ValueError, match=field):
         small_config(**{field: value})
+
+
+def test_numpy_integer_ids_are_accepted_as_python_ints() -> None:
+    """A tokenizer's numpy ids are ids (stored as Python ints); bools and floats are not."""
+    import numpy as np
+
+    mm = MemoryManager(small_config())
+    mm.add_request(Request("a", [np.int64(3), np.int32(4), np.uint16(5), 6], 2))
+    assert [type(t) for t in mm.queues.reqs["a"].fill_ids] == [int] * 4
+    for bad in ([True, 1], [1.0, 2], [np.float32(1)]):
+        with pytest.raises(ValueError, match="input_ids"):
+            mm.add_request(Request("b", bad, 2))
+    plan = mm.schedule()
+    mm.commit(plan, [1])
+    mm.check()

@@ -53,6 +53,9 @@ COUNTERS = (
 )
 
 MAX_TOKEN_ID = 2**63  # token ids are int64 on the host and in storage keys
+_ID_TYPES = frozenset(
+    {int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64}
+)
 
 
 class MemoryManager:
@@ -223,7 +226,8 @@ class MemoryManager:
         if not isinstance(ids, Sequence) or isinstance(ids, str) or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty sequence of token ids")
         bound = self._token_bound
-        if not all(type(t) is int and 0 <= t < bound for t in ids):
+        # NOTE: numpy integers are ids too (a tokenizer's array); bools are not.
+        if not all(type(t) in _ID_TYPES and 0 <= t < bound for t in ids):
             raise ValueError(f"input_ids must hold ints in [0, {bound}){_bound_name(bound)}")
         n = request.max_new_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -239,7 +243,7 @@ class MemoryManager:
                 f"input_ids + max_new_tokens ({total}) can never fit full_tokens "
                 f"({cfg.full_tokens})"
             )
-        req = ReqState(request.rid, list(ids), 0, n, self._arrivals)
+        req = ReqState(request.rid, [int(t) for t in ids], 0, n, self._arrivals)
         self._arrivals += 1
         self.queues.add(req)
 
