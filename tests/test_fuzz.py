@@ -306,6 +306,16 @@ class FuzzMachine(RuleBasedStateMachine):
         self.driver.mm.check()
         check_gauges(self.driver.mm, self.driver.live)
 
+    def _replay_from_storage(self) -> dict[str, int]:
+        """A new manager on the storage directory runs the base prefixes and the finished
+        sequences again (reading back what the old one stored); returns its stats."""
+        self.driver.mm.close()
+        d = self.driver = Driver(MemoryManager(self.driver.mm.config))
+        for i, ids in enumerate(self.prefixes + self.histories[-3:]):
+            ids = ids[: self.max_total - 1]
+            d.add(Request(f"replay{i}", ids, self.max_total - len(ids)))
+        return d.run(max_steps=(self.max_total + 2) * 2 * len(d.live) + 20)
+
     def teardown(self) -> None:
         """Liveness: whatever is left finishes within a bound of steps (unless a rule
         failed: then the manager may hold a plan that never commits)."""
@@ -315,6 +325,8 @@ class FuzzMachine(RuleBasedStateMachine):
             d = self.driver
             budget = sum(self.max_total + 2 for _ in d.live) * 2 + 20
             stats = d.run(max_steps=d.steps + budget)
+            if self.storage is not None:
+                stats = self._replay_from_storage()
             # NOTE: what the examples exercised, shown by --hypothesis-show-statistics.
             for name in COVERAGE:
                 if stats[name]:
