@@ -63,6 +63,7 @@ COVERAGE = (
     "loaded_swa_tokens",
     "loaded_states",
 )
+DRAINED = 4  # requests teardown runs to completion
 POLICIES = [None, "write_through", "write_back", "write_through_selective"]
 
 
@@ -105,7 +106,7 @@ class FuzzMachine(RuleBasedStateMachine):
         swa_eviction=st.sampled_from(["window", "lru"]),
         dtype=st.sampled_from([torch.bfloat16, torch.float32]),
         stop_token=st.one_of(st.none(), st.integers(0, VOCAB - 1)),
-        initial=st.integers(0, 8),
+        initial=st.integers(0, 6),
         seed=st.integers(0, 2**16),
     )
     def setup(
@@ -269,18 +270,33 @@ class FuzzMachine(RuleBasedStateMachine):
             self.driver.abort(rid)
             del self.prompts[rid]
 
-    @rule(pick=st.integers(0, 63))
+    @rule(
+        pick=st.integers(0, 63),
+        aborts=st.integers(0, 3),
+        adds=st.integers(0, 2),
+        flush=st.booleans(),
+    )
     @_marks_unclean
-    def abort_after_schedule(self, pick: int) -> None:
-        """Abort one request of a scheduled plan before its forward; the rest commits."""
-        plan = self.driver.mm.schedule()
+    def between_schedule_and_commit(self, pick: int, aborts: int, adds: int, flush: bool) -> None:
+        """While a plan is pending (after its checks, before its forward): abort some of its
+        requests, add new ones, flush; then the forward and the commit of the rest."""
+        d = self.driver
+        plan = d.mm.schedule()
         if plan is None:
-            assert not self.driver.live, "schedule() returned None with requests live"
+            assert not d.live, "schedule() returned None with requests live"
             return
-        rid = plan.reqs[pick % len(plan.reqs)].rid
-        self.driver.abort(rid)
-        del self.prompts[rid]
-        self._step(plan, verify=False)
+        d._on_plan(plan)  # the checks of a plan the driver scheduled itself
+        rids = [r.rid for r in plan.reqs]
+        for k in range(min(aborts, len(rids))):
+            rid = rids[(pick + k) % len(rids)]
+            if rid in d.live:
+                d.abort(rid)
+                del self.prompts[rid]
+        for k in range(adds):
+            self._add("prefix", pick + k, "whole", k, 1 + pick % 16)
+        if flush:
+            d.mm.flush()
+        self._step(plan, verify=not aborts)
 
     # ------------------------------------------------------------------ cache
 
@@ -323,15 +339,19 @@ class FuzzMachine(RuleBasedStateMachine):
             return
         try:
             d = self.driver
-            budget = sum(self.max_total + 2 for _ in d.live) * 2 + 20
+            # NOTE: the oldest few (the longest waiting) are enough to see that nothing
+            # starves; draining every request took most of the run.
+            for rid in sorted(d.live, key=lambda rid: int(rid[1:]))[DRAINED:]:
+                d.abort(rid)
+            budget = (self.max_total + 2) * 2 * len(d.live) + 20
             stats = d.run(max_steps=d.steps + budget)
+            event(f"steps {min(d.steps // 25 * 25, 100)}+")
             if self.storage is not None:
                 stats = self._replay_from_storage()
             # NOTE: what the examples exercised, shown by --hypothesis-show-statistics.
             for name in COVERAGE:
                 if stats[name]:
                     event(name)
-            event(f"steps {min(d.steps // 25 * 25, 100)}+")
         finally:
             if self.storage is not None:
                 shutil.rmtree(self.storage, ignore_errors=True)
