@@ -7,7 +7,12 @@ runs every step through the sim's FakeEngine, which writes a code of each token'
 into its K/V and recurrent state, and checks before every forward that the plan's page
 tables (full and SWA window) and state slots read back those codes; after every step it
 checks ``mm.check()``, the counters and gauges, and that ``schedule()`` returns ``None``
-only when nothing runs or waits.
+only when nothing runs or waits. Teardown runs the oldest requests left to completion
+within a bound of steps (no livelock of retractions or deferrals), and with storage a new
+manager reads back what the old one stored.
+
+Requests finish by ``max_new_tokens`` or by sampling the example's stop token (the engine
+then aborts them, as it would on a stop string).
 
 Size: ``HYBRIDKV_FUZZ_EXAMPLES`` examples (default 200) of ``HYBRIDKV_FUZZ_STEPS`` rules
 (default 50); derandomized, so a run is reproducible.
