@@ -608,7 +608,7 @@ def workloads(draw: st.DrawFn, tight: bool = False) -> tuple[CacheConfig, list[A
     ]
     longest = max(len(a.request.input_ids) + a.request.max_new_tokens for a in arrivals)
     if tight:
-        full = cost(cfg, longest).full
+        full = max(cost(cfg, longest).full, 2 * ps)  # CacheConfig wants two pages
     else:
         full = roomy_full(ps, longest)
     cfg = cfg.replace(full_tokens=full + ps * draw(st.integers(0, 6), label="extra full pages"))
