@@ -103,8 +103,7 @@ def assert_snapshots_exact(mm: MemoryManager, engine: FakeEngine) -> None:
 
 
 class MambaDriver(Driver):
-    """workloads.Driver that also checks every tree snapshot after every step, and accepts
-    host load backs (``check_plan`` predates the host tier and insists ``loaded_len == 0``).
+    """workloads.Driver that also checks every tree snapshot after every step.
     ``matches`` records each match's ``(length, host_hit_length, mamba_host_hit_length)``."""
 
     def __init__(self, mm: MemoryManager, record: bool = True) -> None:
@@ -121,8 +120,7 @@ class MambaDriver(Driver):
 
     def _on_plan(self, plan: StepPlan) -> None:
         plan.wait()
-        if all(r.loaded_len == 0 for r in plan.reqs):
-            check_plan(self.mm, plan)
+        check_plan(self.mm, plan)
         check_tables_read_prefix(self.mm, plan, self._codes)
         if self.record:
             self.plans.append({"reqs": list(plan.reqs)})

@@ -313,9 +313,9 @@ def check_plan(mm: MemoryManager, plan: StepPlan) -> None:
     swa_last: list[int] = []
     off = 0
     for i, r in enumerate(reqs):
-        assert r.extend_len >= 1 and r.loaded_len == 0
+        assert r.extend_len >= 1 and r.cached_len + r.loaded_len <= r.extend_start
         if r.is_decode:
-            assert r.extend_len == 1 and r.produces_token and r.cached_len == 0
+            assert r.extend_len == 1 and r.produces_token and r.cached_len == r.loaded_len == 0
         new = out_list[off : off + r.extend_len]
         off += r.extend_len
         slots = mm.req_slots(r.rid).tolist() + new

@@ -62,7 +62,9 @@ def page_keys(tokens: Sequence[int], page_size: int, salt: str) -> list[str]:
 
 def _page_bytes(page: torch.Tensor) -> memoryview:
     """Raw bytes of one page (any dtype, bf16 included) without a round trip through floats."""
-    return memoryview(page.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+    # NOTE: flat first: memoryview.cast refuses a view with a zero in its shape, the full
+    # page of a model without full-attention layers.
+    return memoryview(page.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 class FileStorage:
