@@ -25,6 +25,7 @@ from workloads import VOCAB, small_config, snapshot, tokens
 from hybridkv import kernels
 from hybridkv.allocator import HostPool, PagedAllocator, StatePool, SWAAllocator
 from hybridkv.scheduler import MemoryManager, Request
+from hybridkv.scheduler.table import ROW_FIELDS
 from hybridkv.sim.engine import FakeEngine
 from hybridkv.tree.storage import FileStorage
 from hybridkv.undo import UndoLog
@@ -114,7 +115,7 @@ def manager_state(mm: MemoryManager) -> dict[str, object]:
             t.owner[r].rid,
             t.fill_ids(r),
             t.req_to_token[r, : t.kv_len[r]].tolist(),
-            *(int(getattr(t, f)[r]) for f in _ROW_FIELDS),
+            *(int(getattr(t, f)[r]) for f in ROW_FIELDS),
         )
         for r in rows
     }
@@ -138,21 +139,6 @@ def manager_state(mm: MemoryManager) -> dict[str, object]:
     out["ratio"] = mm.admission.new_token_ratio
     out["in_flight_states"] = list(mm.caching.in_flight_states)
     return out
-
-
-_ROW_FIELDS = (
-    "kv_len",
-    "alloc_len",
-    "cached_len",
-    "released",
-    "fill_len",
-    "output_len",
-    "max_new",
-    "arrival",
-    "pin_start",
-    "pin_end",
-    "state_slot",
-)
 
 
 def _tree_pages(mm: MemoryManager) -> dict[tuple[int, ...], tuple[object, ...]]:

@@ -58,25 +58,8 @@ def _swa_config(host_tokens: int, storage: Path | None) -> CacheConfig:
 
 def _mamba_config(host_tokens: int) -> CacheConfig:
     """Recurrent layers: a prefix is usable only at a snapshot, which may be on host only."""
-    return CacheConfig(
-        num_layers=4,
-        swa_layer_ids=(1,),
-        mamba_layer_ids=(2, 3),
-        state_shape=(2, 3),
-        state_slots=12,
-        num_kv_heads=1,
-        head_dim=4,
-        page_size=PAGE,
-        dtype=torch.bfloat16,
-        full_tokens=160,
-        swa_tokens=64,
-        sliding_window=16,
-        host_tokens=host_tokens,
-        write_policy="write_through",
-        chunked_prefill_size=32,
-        max_context_len=256,
-        device="cpu",
-        backend="torch",
+    return _swa_config(host_tokens, None).replace(
+        swa_layer_ids=(1,), mamba_layer_ids=(2, 3), state_shape=(2, 3), state_slots=12
     )
 
 
