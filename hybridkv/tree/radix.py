@@ -340,7 +340,8 @@ class RadixTree:
         heaps are kept as they change)."""
         self.undo.save(self, "_clock", "_live", "_dead")
         for part in self.parts:
-            self.undo.save(part)
+            if part.COUNTERS:
+                self.undo.save(part, *part.COUNTERS)
 
     def split(self, node: Node, k: int) -> Node:
         """Split ``node`` after ``k`` tokens; return the new upper part (``node`` keeps the rest).

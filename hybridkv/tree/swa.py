@@ -64,6 +64,8 @@ def _pin(node: Node, start: int, delta: int) -> None:
 class SWAPart(Part):
     """Device SWA KV of a tree with window ``window`` tokens, evicted by ``policy``."""
 
+    COUNTERS = ("cached", "evictable")
+
     def __init__(self, tree: RadixTree, window: int, policy: str) -> None:
         self.tree = tree
         self.window = window
