@@ -314,19 +314,26 @@ SPLIT_COLUMNS = (
 )
 
 
+def _split_pools(cfg: CacheConfig) -> tuple[float | None, int | None, int | None]:
+    """``(SWA share of the bytes, full pool tokens, SWA pool tokens)`` of a static split;
+    ``None`` for each in an arena (the pools change with demand)."""
+    if getattr(cfg, "memory_bytes", None) is not None:  # NOTE: the arena's field
+        return None, None, None
+    return swa_share(cfg), cfg.full_tokens, cfg.swa_tokens
+
+
 def split_row(res: SimResult, default_steps: int) -> dict[str, object]:
-    """The summary of one ``--compare splits`` row, with its pools and its speedup in steps
-    over the default split (``default_steps``; 0 where that did not finish)."""
-    cfg = res.shape
-    arena = getattr(cfg, "memory_bytes", None) is not None  # NOTE: the arena's field
-    m = summary(res)
-    m |= {
-        "full_pool": "arena" if arena else f"{cfg.full_tokens:,}",
-        "swa_pool": "arena" if arena else f"{cfg.swa_tokens:,}",
-        "swa_share": None if arena else swa_share(cfg),
-        "speedup": default_steps / res.steps if res.steps and default_steps else 0.0,
+    """The summary of one ``--compare splits`` row, with its pools (``None`` in an arena)
+    and its speedup in steps over the default split (``default_steps``; 0: that did not
+    finish cleanly)."""
+    share, full, swa = _split_pools(res.shape)
+    speedup = default_steps / res.steps if res.steps and default_steps else 0.0
+    return summary(res) | {
+        "swa_share": share,
+        "full_pool": full,
+        "swa_pool": swa,
+        "speedup": speedup,
     }
-    return m
 
 
 def format_splits(rows: Sequence[tuple[str, SimResult | str]], default_steps: int) -> str:
@@ -340,8 +347,10 @@ def format_splits(rows: Sequence[tuple[str, SimResult | str]], default_steps: in
             table.append([name, res])
             continue
         m = split_row(res, default_steps)
-        share = "by demand" if m["swa_share"] is None else _pct(m["swa_share"])  # type: ignore[arg-type]
-        cells = [share, str(m["full_pool"]), str(m["swa_pool"])]
+        share, full, swa = _split_pools(res.shape)
+        cells = ["by demand", "arena", "arena"]
+        if share is not None:
+            cells = [_pct(share), f"{full:,}", f"{swa:,}"]
         table.append([name, *cells, *(fmt.format(m[key]) for _, key, fmt in SPLIT_COLUMNS)])
         notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
     return "\n".join([_table(header, table), *notes])
