@@ -15,11 +15,11 @@ out=${1:-benchmarks/arena_sweep.txt}
 # model  GiB  workload  requests
 MATRIX=(
   "gemma3-27b   4    chat   80"
-  "gemma3-27b   4    agent  60"
-  "gemma3-27b   4    docqa  80"
+  "gemma3-27b   4    agent  80"
+  "gemma3-27b   4    docqa  50"
   "gpt-oss-120b 0.5  chat   80"
-  "gpt-oss-120b 0.5  agent  60"
-  "gpt-oss-120b 0.5  docqa  80"
+  "gpt-oss-120b 0.5  agent  100"
+  "gpt-oss-120b 0.5  docqa  50"
 )
 
 status=0
