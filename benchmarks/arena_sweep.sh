@@ -3,10 +3,10 @@
 # docqa x gemma3-27b (SWA:full layers 5:1, window 1024) and gpt-oss-120b (1:1, window 128),
 # every table into one file (default benchmarks/arena_sweep.txt).
 #
-#   benchmarks/arena_sweep.sh [FILE]      # from the repository root, about 15 min on 2 cores
+#   benchmarks/arena_sweep.sh [FILE]      # from the repository root, ~6 min on 2 cores
 #
 # Sizes: each budget makes its workload memory-bound (the steps differ between SWA shares,
-# so the split is the bottleneck) while a sweep of 11 runs stays within a few minutes. A
+# so the split is the bottleneck) while a sweep of 11 runs stays within 2 minutes. A
 # build without the arena (CacheConfig.memory_bytes) prints the static rows only. Exit
 # status: 0 when every run was clean, 1 otherwise (the tables still print).
 set -uo pipefail
