@@ -21,6 +21,7 @@ from hybridkv.scheduler.caching import Caching
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import cost
 from hybridkv.scheduler.decode import Decode
+from hybridkv.scheduler.hf_config import cache_bytes
 from hybridkv.scheduler.pages import PlanBuilder
 from hybridkv.scheduler.plan import Request, StepBatch, StepPlan
 from hybridkv.scheduler.prefill import Prefill
@@ -378,12 +379,25 @@ class MemoryManager:
             "swa_cached": tree.cached_swa,
             "running": len(q.running) + (q.chunked is not None),
             "waiting": len(q.waiting),
+            **self._bytes(),
         }
         transfers = {
             "backed_up_tokens": tree.backed_up_tokens,
             "loaded_swa_tokens": tree.loaded_swa_tokens,
         }
         return gauges | self.counters | transfers
+
+    def _bytes(self) -> dict[str, int]:
+        """``memory_bytes``: the device budget of the pools (every static pool with its page
+        0); ``used_bytes``: what the pages allocated now (running or cached) hold, page 0 not
+        counted."""
+        per, ps = cache_bytes(self.config), self.config.page_size
+        pools = [(self.allocator.full, per["full"] * ps), (self.allocator.swa, per["swa"] * ps)]
+        if self.states is not None:
+            pools.append((self.states.allocator, per["state"]))
+        live = [(a, b) for a, b in pools if a is not None]
+        used = sum((a.num_pages - 1 - a.free_page_count) * b for a, b in live)
+        return {"memory_bytes": sum(a.num_pages * b for a, b in live), "used_bytes": used}
 
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page
