@@ -234,14 +234,7 @@ def _window(d: dict[str, Any], kinds: list[str]) -> int:
 def cache_bytes(config: CacheConfig) -> dict[str, int]:
     """Bytes of one token in the full and SWA pools (K + V over their layers) and of one
     state slot (every recurrent layer): ``{"full": ..., "swa": ..., "state": ...}``."""
-    item = torch.empty(0, dtype=config.dtype).element_size()
-    kv = 2 * config.num_kv_heads * config.head_dim * item
-    state = len(config.mamba_layer_ids) * math.prod(config.state_shape or (0,)) * item
-    return {
-        "full": kv * len(config.full_layer_ids),
-        "swa": kv * len(config.swa_layer_ids),
-        "state": state,
-    }
+    return config.token_bytes
 
 
 def from_hf_config(
