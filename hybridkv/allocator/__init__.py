@@ -7,4 +7,12 @@ from hybridkv.allocator.paged import PagedAllocator
 from hybridkv.allocator.state_pool import StatePool
 from hybridkv.allocator.swa import SWAAllocator
 
-__all__ = ["Arena", "ArenaLayout", "HostPool", "KVPool", "PagedAllocator", "StatePool", "SWAAllocator"]
+__all__ = [
+    "Arena",
+    "ArenaLayout",
+    "HostPool",
+    "KVPool",
+    "PagedAllocator",
+    "StatePool",
+    "SWAAllocator",
+]

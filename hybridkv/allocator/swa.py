@@ -43,9 +43,7 @@ class SWAAllocator(FreeGroup):
         self.device = torch.device(device)
         self.backend = backend
         self._undo = undo or UndoLog()
-        self.full = PagedAllocator(
-            full_tokens, page_size, device, backend, self._undo, in_arena[0]
-        )
+        self.full = PagedAllocator(full_tokens, page_size, device, backend, self._undo, in_arena[0])
         self.swa: PagedAllocator | None = None
         self.full_to_swa: torch.Tensor | None = None
         if swa_tokens:

@@ -49,7 +49,6 @@ A config that cannot be mapped is a ``ValueError`` naming the field.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

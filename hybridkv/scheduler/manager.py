@@ -281,8 +281,7 @@ class MemoryManager:
         if cost(cfg, total).full > cfg.full_capacity:
             what = "memory_bytes" if "full" in cfg.arena_pools and cfg.arena else "full_tokens"
             raise ValueError(
-                f"input_ids + max_new_tokens ({total}) can never fit {what} "
-                f"({getattr(cfg, what)})"
+                f"input_ids + max_new_tokens ({total}) can never fit {what} ({getattr(cfg, what)})"
             )
         req = ReqState(request.rid, [int(t) for t in ids], 0, n, self._arrivals)
         self._arrivals += 1
