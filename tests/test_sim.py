@@ -341,7 +341,9 @@ def test_lone_accepted_request_finishes() -> None:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_map_and_stand_in_keeps_the_pools(name: str) -> None:
     """Every preset goes through from_hf_config; its stand-in keeps pools, window and kinds."""
-    real = CacheConfig.from_hf_config(PRESETS[name], 1 << 30, device="cpu", backend="torch")
+    real = CacheConfig.from_hf_config(
+        PRESETS[name], 1 << 30, swa_full_tokens_ratio=0.8, device="cpu", backend="torch"
+    )
     sim = stand_in(real)
     same = ("full_tokens", "swa_tokens", "state_slots", "sliding_window", "page_size", "dtype")
     assert all(getattr(sim, f) == getattr(real, f) for f in same)
@@ -358,7 +360,7 @@ def test_cli_model_preset_json(capsys) -> None:  # noqa: ANN001
     out = json.loads(capsys.readouterr().out)
     assert out["finished"] == 6 and out["errors"] == 0 and out["error_list"] == []
     assert out["config"]["num_layers"] == 36 and out["simulated_config"]["num_layers"] == 2
-    real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], 1 << 28)
+    real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], 1 << 28, swa_full_tokens_ratio=0.8)
     assert out["config"]["full_tokens"] == real.full_tokens
     assert out["config"]["host_tokens"] == 2 * real.full_tokens
     tiers = sum(out[f"{t}_hit_rate"] for t in report.TIERS)
