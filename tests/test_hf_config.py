@@ -163,7 +163,8 @@ def test_overrides_win_and_a_tiny_config_runs() -> None:
     tiny = dict(GEMMA2, sliding_window=8)
     cfg = from_hf_config(tiny, 1 << 20, page_size=4, device="cpu", backend="torch")
     assert cfg.page_size == 4 and cfg.sliding_window == 8
-    assert from_hf_config(tiny, 1 << 20, swa_full_tokens_ratio=0.8, full_tokens=256).full_tokens == 256
+    static = from_hf_config(tiny, 1 << 20, swa_full_tokens_ratio=0.8, full_tokens=256)
+    assert static.full_tokens == 256
     mm = MemoryManager(cfg)
     mm.check()
     mm.close()
