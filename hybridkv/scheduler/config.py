@@ -251,8 +251,9 @@ class CacheConfig:
 
     @property
     def host_state_slots(self) -> int:
-        """Host state slots: the device ratio of host to full tokens, at least the device's."""
-        return max(self.state_slots * self.host_tokens // self.full_tokens, self.state_slots)
+        """Host state slots: the device ratio of host to full tokens, at least the device's
+        (and 3, as an arena's state_slots may be 0)."""
+        return max(self.state_slots * self.host_tokens // self.full_tokens, self.state_slots, 3)
 
     @property
     def full_layer_ids(self) -> list[int]:
