@@ -218,7 +218,7 @@ class Admission:
 
     def _evict_donors(self, need: Cost, rounds: int) -> bool:
         """Evict ``rounds`` chunks' worth of cache from each pool that is not short (its
-        chunks may then empty out); False when there is nothing to evict."""
+        chunks may then empty out); False when that evicted nothing."""
         cfg, layout, free = self.config, self.arena.layout, self._free()
         evictable, amounts = self._evictable(), {}
         for i, pool in enumerate(cfg.arena_pools):
@@ -231,7 +231,7 @@ class Admission:
             if not any(amounts.values()):
                 return False
         self._evict(Cost(**amounts))
-        return True
+        return self._evictable() != evictable
 
     def relieve(self) -> bool:
         """Admission found no room: with an arena, take back the wholly free chunks of every
@@ -246,7 +246,6 @@ class Admission:
                 freed = self.arena.reclaim()
                 self._relieved_at = now
             idle = not self.queues.running
-            while idle and not freed and any(astuple(self._evictable())):
-                self._evict_donors(Cost(), 1)
+            while idle and not freed and self._evict_donors(Cost(), 1):
                 freed = self.arena.reclaim()
         return self.tp.reduce_min([-int(freed > 0)])[0] < 0
