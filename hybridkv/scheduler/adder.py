@@ -21,6 +21,7 @@ class PrefillAdder:
         self.config = config
         self.used = reserved
         self.input_left = config.max_prefill_tokens
+        self.refused = False  # a request was offered and did not fit
 
     def admit(
         self,
@@ -63,6 +64,7 @@ class PrefillAdder:
             chunk = min(chunk - chunk % ps, room)
             need = cost(cfg, chunk, swa_held, load, chunk_end=start + chunk, new=new)
         if chunk <= 0 or need.state > rooms.state - self.used.state:
+            self.refused = True
             return None
         self.used = self.used + need + Cost(full=reserve)
         self.input_left -= chunk
@@ -100,6 +102,7 @@ class PrefillAdder:
                     hi = mid - 1
             chunk = lo * ps
         if chunk <= 0:
+            self.refused = True
             return None
         got = need(chunk)
         self.used = self.used + got + Cost(full=reserve)

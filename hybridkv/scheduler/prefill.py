@@ -71,17 +71,20 @@ class Prefill:
     def schedule(self) -> StepPlan | None:
         """The step's prefill plan, or ``None`` when nothing fits. With an arena, admitting
         nothing is pressure: the arena takes back free chunks (evicting when nothing runs)
-        and admission tries again while that frees any."""
+        and admission tries again while that frees any (whether admission refused a request
+        and whether relief freed a chunk are the same on every TP rank)."""
         while True:
-            plan = self._schedule()
-            if plan is not None or not self.config.arena or not self.admission.relieve():
+            adder = PrefillAdder(self.config, self.admission.running_reservation())
+            plan = self._schedule(adder)
+            if plan is not None or not (self.config.arena and adder.refused):
                 return plan
+            if not self.admission.relieve():
+                return None
 
-    def _schedule(self) -> StepPlan | None:
-        q, t, adm = self.queues, self.table, self.admission
+    def _schedule(self, adder: PrefillAdder) -> StepPlan | None:
+        q, t = self.queues, self.table
         if q.chunked is None and not q.waiting:
             return None
-        adder = PrefillAdder(self.config, adm.running_reservation())
         admitted: list[Admitted] = []
         chunked = q.chunked
         if chunked is not None:
