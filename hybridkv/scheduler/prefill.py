@@ -73,6 +73,8 @@ class Prefill:
         nothing is pressure: the arena takes back free chunks (evicting when nothing runs)
         and admission tries again while that frees any (whether admission refused a request
         and whether relief freed a chunk are the same on every TP rank)."""
+        if self.queues.chunked is None and not self.queues.waiting:
+            return None
         while True:
             adder = PrefillAdder(self.config, self.admission.running_reservation())
             plan = self._schedule(adder)
@@ -83,8 +85,6 @@ class Prefill:
 
     def _schedule(self, adder: PrefillAdder) -> StepPlan | None:
         q, t = self.queues, self.table
-        if q.chunked is None and not q.waiting:
-            return None
         admitted: list[Admitted] = []
         chunked = q.chunked
         if chunked is not None:
