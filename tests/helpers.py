@@ -6,14 +6,17 @@ import contextlib
 import multiprocessing as mp
 import queue
 import socket
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,12 +79,17 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def run_ranks(
-    worker: Callable[..., None], per_rank_args: list[tuple], timeout_s: float
+    fn: Callable[..., dict],
+    per_rank_args: list[tuple],
+    timeout_s: float,
+    group_timeout_s: float,
 ) -> dict[int, dict]:
-    """Run ``worker(rank, init_method, *per_rank_args[rank], results)`` on spawned ranks.
+    """Run ``fn(rank, *per_rank_args[rank])`` on spawned ranks joined in one gloo process
+    group (its collectives time out after ``group_timeout_s``); return each rank's dict.
 
-    Each worker puts ``(rank, result_dict)`` on ``results``. A rank that hangs fails the
-    caller's assertion (it is killed), instead of blocking the test run.
+    ``fn`` must be a module-level function (it is pickled). A rank that raises reports
+    ``{"error": ..., "tb": ...}`` instead; a rank that hangs fails the caller's assertion
+    (it is killed) after ``timeout_s``, instead of blocking the test run.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -90,7 +98,10 @@ def run_ranks(
         init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     world = len(per_rank_args)
     procs = [
-        ctx.Process(target=worker, args=(r, init_method, *per_rank_args[r], results))
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, r, world, init_method, group_timeout_s, per_rank_args[r], results),
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -109,6 +120,32 @@ def run_ranks(
             p.join()
     assert len(got) == world, f"ranks {sorted(set(range(world)) - set(got))} hung: {got}"
     return got
+
+
+def _rank_main(
+    fn: Callable[..., dict],
+    rank: int,
+    world: int,
+    init_method: str,
+    group_timeout_s: float,
+    args: tuple,
+    results: mp.Queue,
+) -> None:
+    """One rank of :func:`run_ranks`: join the group, run ``fn``, leave the group."""
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=group_timeout_s),
+        )
+        try:
+            results.put((rank, fn(rank, *args)))
+        finally:
+            dist.destroy_process_group()
+    except Exception as exc:  # report, so the parent fails with the cause instead of a hang
+        results.put((rank, {"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}))
 
 
 @dataclass

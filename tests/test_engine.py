@@ -153,7 +153,7 @@ def test_tight_pools_evict_and_tombstone(page_size: int) -> None:
     """Gemma 3, staggered arrivals into full and SWA pools a few requests deep: both pools
     evict, cached full KV outlives its SWA (tombstones), prefixes still hit; still exact."""
     # page size -> (full tokens, SWA tokens, seed): SWA a few windows, full a few requests.
-    full, swa, seed = {1: (56, 16, 1), 4: (128, 24, 4), 16: (160, 64, 2)}[page_size]
+    full, swa, seed = {1: (56, 16, 2), 4: (128, 24, 4), 16: (160, 64, 2)}[page_size]
     eng = Engine(
         model("gemma3_text"), record_logits=True, page_size=page_size, full_tokens=full,
         swa_tokens=swa, **config(page_size),

@@ -761,3 +761,32 @@ class ManagerMachine(RuleBasedStateMachine):
 
 ManagerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40)
 TestManagerMachine = ManagerMachine.TestCase
+
+
+@pytest.mark.parametrize("mamba", [False, True])
+def test_stats_bytes_count_allocated_pages_at_their_bytes(mamba: bool) -> None:
+    """``memory_bytes`` is every pool's buffer (page 0 included); ``used_bytes`` the pages
+    not free in each pool (page 0 excluded) at that pool's page bytes, at every step."""
+    extra = dict(mamba_layer_ids=(2,), state_shape=(3, 5), state_slots=12) if mamba else {}
+    cfg = small_config(**extra)
+    item = 2  # bfloat16
+    full_b = 2 * cfg.num_kv_heads * cfg.head_dim * item * len(cfg.full_layer_ids)
+    swa_b = 2 * cfg.num_kv_heads * cfg.head_dim * item * len(cfg.swa_layer_ids)
+    state_b = 15 * item if mamba else 0
+    ps = cfg.page_size
+    memory = (cfg.full_tokens + ps) * full_b + (cfg.swa_tokens + ps) * swa_b
+    memory += (cfg.state_slots + 1) * state_b
+    driver = Driver(MemoryManager(cfg))
+    for session in chat_sessions(random.Random(3), 4):
+        driver.add_session(session)
+    seen_used = 0
+    while driver.live:
+        driver.step()
+        s = driver.mm.stats()
+        used = (cfg.full_tokens - s["full_free"]) * full_b + (
+            cfg.swa_tokens - s["swa_free"]
+        ) * swa_b
+        used += (cfg.state_slots - s["state_free"]) * state_b
+        assert (s["memory_bytes"], s["used_bytes"]) == (memory, used)
+        seen_used = max(seen_used, used)
+    assert seen_used > 0

@@ -236,7 +236,8 @@ def test_swa_pins_slide_in_one_tree_call_per_step() -> None:
         mm.add_request(Request(f"r{i}", [i + 1, *range(31)], 40))
     plan = mm.schedule()
     mm.commit(plan, [1] * len(plan))
-    assert all(n.swa_lock for n in mm.tree.nodes() if n.end > 16)  # prompt windows pinned
+    assert all(n.swa_lock or n.swa_pins for n in mm.tree.nodes() if n.end > 16)  # windows pinned
+    nodes = len(mm.tree.nodes())
     mm.check()
     calls, moved = [], []
     real = mm.tree.slide_swa_locks
@@ -262,4 +263,5 @@ def test_swa_pins_slide_in_one_tree_call_per_step() -> None:
         mm.tree.inc_lock = mm.tree.dec_lock = forbidden
     mm.tree.inc_lock, mm.tree.dec_lock = real_inc, real_dec
     assert max(moved) == 1 and sum(moved) >= 2 and max(calls) == 8
-    assert not any(n.swa_lock for n in mm.tree.nodes())  # windows are past the prompts
+    assert not any(n.swa_lock or n.swa_pins for n in mm.tree.nodes())  # windows past prompts
+    assert len(mm.tree.nodes()) == nodes  # the pins slid without splitting a node

@@ -10,11 +10,8 @@ the process group's timeout fails it, and the parent waits with a timeout too.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import shutil
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -170,23 +167,10 @@ def _check_catches_a_skipped_call(rank: int) -> str:
     return "no error"
 
 
-def _worker(rank: int, init_method: str, config: CacheConfig, results: mp.Queue) -> None:
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=PG_TIMEOUT_S),
-        )
-        try:
-            res = _run_rank(config)
-            res["skipped_call"] = _check_catches_a_skipped_call(rank)
-            results.put((rank, res))
-        finally:
-            dist.destroy_process_group()
-    except Exception as exc:  # report, so the parent fails with the cause instead of a hang
-        results.put((rank, {"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}))
+def _rank(rank: int, config: CacheConfig) -> dict:
+    res = _run_rank(config)
+    res["skipped_call"] = _check_catches_a_skipped_call(rank)
+    return res
 
 
 def _stored(root: Path) -> Path:
@@ -237,7 +221,7 @@ def _scenarios(root: Path) -> dict[str, list[CacheConfig]]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, dict]]:
     out = {}
     for name, configs in _scenarios(tmp_path_factory.mktemp("tp_agree")).items():
-        got = run_ranks(_worker, [(c,) for c in configs], RESULT_TIMEOUT_S)
+        got = run_ranks(_rank, [(c,) for c in configs], RESULT_TIMEOUT_S, PG_TIMEOUT_S)
         for rank, res in got.items():
             assert "error" not in res, f"{name}, rank {rank}: {res['error']}\n{res['tb']}"
         out[name] = got

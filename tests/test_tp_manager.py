@@ -11,11 +11,8 @@ process group has a timeout and the parent waits with one).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import shutil
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -128,23 +125,6 @@ def _run_rank(rank: int, storage: Path) -> dict:
     }
 
 
-def _worker(rank: int, init_method: str, storage: Path, results: mp.Queue) -> None:
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=PG_TIMEOUT_S),
-        )
-        try:
-            results.put((rank, _run_rank(rank, storage)))
-        finally:
-            dist.destroy_process_group()
-    except Exception as exc:  # report, so the parent fails with the cause instead of a hang
-        results.put((rank, {"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}))
-
-
 def _populate(root: Path) -> tuple[Path, Path, int]:
     """Rank 0's directory: every page of every prefix, stored by an earlier manager. Rank 1's:
     the first half of each prefix's pages, one of them truncated. Returns both and how many
@@ -179,7 +159,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     """Run the same requests on two gloo ranks with unequal storage; every test reads it."""
     rich, poor, missing = _populate(tmp_path_factory.mktemp("tp"))
     assert missing > 0
-    got = run_ranks(_worker, [(rich,), (poor,)], RESULT_TIMEOUT_S)
+    got = run_ranks(_run_rank, [(rich,), (poor,)], RESULT_TIMEOUT_S, PG_TIMEOUT_S)
     for rank, res in got.items():
         assert "error" not in res, f"rank {rank}: {res['error']}\n{res['tb']}"
     return got

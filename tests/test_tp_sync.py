@@ -6,10 +6,6 @@ the test: the process group has a short timeout and the parent joins with one.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch.distributed as dist
 from helpers import run_ranks
@@ -41,25 +37,12 @@ def _script(rank: int, sync: TPSync) -> dict:
     return out
 
 
-def _worker(rank: int, init_method: str, results: mp.Queue) -> None:
-    try:
-        dist.init_process_group(
-            "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=PG_TIMEOUT_S),
-        )
-        try:
-            results.put((rank, _script(rank, TPSync(dist.group.WORLD))))
-        finally:
-            dist.destroy_process_group()
-    except Exception as exc:  # report, so the parent fails with the cause instead of a hang
-        results.put((rank, {"error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}))
+def _rank(rank: int) -> dict:
+    return _script(rank, TPSync(dist.group.WORLD))
 
 
 def _run() -> dict[int, dict]:
-    return run_ranks(_worker, [(), ()], JOIN_TIMEOUT_S)
+    return run_ranks(_rank, [(), ()], JOIN_TIMEOUT_S, PG_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -503,8 +503,8 @@ def test_lock_survives_splits_inside_and_outside_its_window(policy: str) -> None
     alloc, tree = make_tree(ps, window, policy)
     a = pages(ps, 1, 2, 3, 4, 5, 6)
     insert_new(tree, alloc, a)
-    h = tree.inc_lock(tree.match_prefix(a).last_node)  # splits at 16
-    assert h.swa_start == 16 and h.node.start == 16
+    h = tree.inc_lock(tree.match_prefix(a).last_node)  # a partial pin at 16, no split
+    assert h.swa_start == 16 and h.node.start == 0 and h.node.swa_pins == [16]
     assert counters(tree) == (24, 24, 0, 16)
     assert tree.match_prefix(a[:20]).last_node.end == 20  # split inside the window
     assert counters(tree) == (24, 24, 0, 16)

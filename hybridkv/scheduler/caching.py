@@ -95,7 +95,7 @@ class Caching:
         the plan is committed.
         """
         working, snapshot = req.state_slot, req.snapshot
-        self.undo.save(req)
+        self.undo.save(req, "state_slot", "snapshot")
         req.state_slot, req.snapshot = -1, None
         free, attached = [], False
         if in_flight:

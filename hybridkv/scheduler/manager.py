@@ -483,7 +483,7 @@ class MemoryManager:
             )
             for node in lock.node.path():
                 locks[id(node)] = locks.get(id(node), 0) + 1
-                ensure(node.start < lock.swa_start or node.swa, "a locked window lost SWA")
+                ensure(node.end <= lock.swa_start or node.swa, "a locked window lost SWA")
         for node in self.tree.nodes():
             ensure(node.full_lock == locks.get(id(node), 0), "full lock count drifted")
             ensure(node.host_lock == 0, "a host copy pinned between steps")

@@ -91,7 +91,7 @@ class RequestTable:
     def take(self, req: ReqState, kv_len: int) -> int:
         """Give ``req`` a row holding its ids, ``kv_len`` positions of which have KV (its
         cached prefix); return the row."""
-        self._undo.save(req)
+        self._undo.save(req, "row")
         self._undo.save(self, "owner", "_free")
         row = self._free.pop()
         ids = req.fill_ids
@@ -121,7 +121,9 @@ class RequestTable:
 
     def set_lock(self, req: ReqState, lock: LockHandle | None) -> None:
         """Set ``req.lock`` (and its mirror in the row, if it has one)."""
-        self._undo.save(req)
+        # NOTE: the one field: saving every field copies the request's token list, and a
+        # synchronised lock slide sets hundreds of locks in one step.
+        self._undo.save(req, "lock")
         req.lock = lock
         if req.row >= 0 and lock is not None:
             self.pin_start[req.row] = lock.swa_start
@@ -129,7 +131,7 @@ class RequestTable:
 
     def set_state_slot(self, req: ReqState, slot: int) -> None:
         """Set ``req.state_slot`` and its mirror in the row."""
-        self._undo.save(req)
+        self._undo.save(req, "state_slot")
         req.state_slot = slot
         if req.row >= 0:
             self.state_slot[req.row] = slot

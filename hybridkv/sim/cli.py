@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from hybridkv.scheduler import CacheConfig
 from hybridkv.scheduler.hf_config import from_hf_config
-from hybridkv.sim import report
+from hybridkv.sim import report, splits
 from hybridkv.sim.models import PRESETS, stand_in
-from hybridkv.sim.run import SimResult, max_context, run
+from hybridkv.sim.run import SimResult, max_context, run, validate
 from hybridkv.sim.trace import dump_trace, load_trace
 from hybridkv.sim.workloads import GENERATORS, Workload
 
@@ -162,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument(
         "--compare",
-        action="store_true",
-        help="run the workload under several policies and print one table",
+        nargs="?",
+        const="policies",
+        choices=["policies", "splits"],
+        help="run the workload several ways and print one table: 'policies' (the default) "
+        "the prefix cache and tier policies; 'splits' the arena (where built) and static "
+        "full/SWA splits of the same --memory, SWA shares 10%%..90%% and --swa-ratio",
     )
     o.add_argument("--json", action="store_true", help="print results as JSON, no text report")
     o.add_argument(
@@ -330,6 +334,41 @@ def compare(
     return rows
 
 
+def compare_splits(
+    args: argparse.Namespace, workload: Workload, base: CacheConfig
+) -> list[tuple[str, SimResult | str]]:
+    """The workload, device-only, under the arena (where this build has it), the default
+    split (``--swa-ratio``) and the static splits of :data:`splits.SHARES` of the same
+    budget; a split that cannot work shows as ``n/a``."""
+    if args.memory is None and _is_small(args):
+        raise ValueError("--compare splits needs --memory (the budget the splits share)")
+    budget = int((args.memory or DEFAULT_MEMORY_GIB) * GiB)
+    device_only: dict[str, object] = dict(host_tokens=0, storage=None)
+    rows: list[tuple[str, dict[str, object]]] = []
+    if splits.has_arena():
+        rows.append(("arena", device_only | {"memory_bytes": budget}))
+    rows.append((f"default (ratio {args.swa_ratio:g})", device_only))
+    for share in splits.SHARES:
+        pools = splits.split_pools(base, budget, share, args.state_share)
+        rows.append((f"SWA {share:.0%}", device_only | pools))
+    out: list[tuple[str, SimResult | str]] = []
+    for name, changes in rows:
+        try:
+            configs = make_configs(args, **changes)
+            validate(workload, configs[0])
+        except ValueError as e:
+            out.append((name, f"n/a ({e})"))
+            continue
+        out.append((name, _run(args, workload, configs, name)))
+    return out
+
+
+def _default_steps(rows: list[tuple[str, SimResult | str]]) -> int:
+    """Steps of the default split's row (0 where it did not finish cleanly)."""
+    res = next(r for n, r in rows if n.startswith("default"))
+    return res.steps if isinstance(res, SimResult) and not res.errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workload is None:
@@ -355,7 +394,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.dump_trace).write_text("\n".join(dump_trace(workload)) + "\n")
             print(f"wrote {workload.num_requests} requests to {args.dump_trace}")
             return 0
-        if args.compare:
+        if args.compare == "splits":
+            rows = compare_splits(args, workload, cfg)
+            default_steps = _default_steps(rows)
+            if args.json:
+                out = [{"split": n, **_json_split(r, default_steps)} for n, r in rows]
+                doc = {
+                    "workload": workload.name,
+                    "memory_bytes": int((args.memory or DEFAULT_MEMORY_GIB) * GiB),
+                    "rows": out,
+                }
+                print(json.dumps(doc, indent=1))
+            else:
+                print(
+                    f"hybridkv sim --compare splits: workload {workload.name}, "
+                    f"{workload.num_requests} requests, {args.memory or DEFAULT_MEMORY_GIB:g}"
+                    f" GiB device-only\n  model: {report.describe(cfg)}\n"
+                )
+                print(report.format_splits(rows, default_steps))
+            results = [r for _, r in rows if not isinstance(r, str)]
+        elif args.compare:
             rows = compare(args, workload, cfg)
             if args.json:
                 out = [{"policy": n, **_json_row(r)} for n, r in rows]
@@ -384,6 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _json_row(res: SimResult | str) -> dict[str, object]:
     return {"skipped": res} if isinstance(res, str) else report.to_json(res)
+
+
+def _json_split(res: SimResult | str, default_steps: int) -> dict[str, object]:
+    if isinstance(res, str):
+        return {"skipped": res}
+    return report.to_json(res) | report.split_row(res, default_steps)
 
 
 def _can_encode(stream: TextIO, text: str) -> bool:

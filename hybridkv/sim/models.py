@@ -3,14 +3,18 @@ small stand-in config a simulation runs on.
 
 A preset goes through :func:`CacheConfig.from_hf_config` like any ``config.json``, so its
 pools come from a byte budget exactly as a real engine's would. The simulator then runs on
-:func:`stand_in`: the same pools, page size, window and layer kinds, but one layer of each
-attention kind (at most two recurrent layers) holding 1-element K/V. The manager's
-decisions depend only on those, and the FakeEngine's codes need no more, so a 120B
-model's pools simulate in little memory; reports give bytes for the real shape.
+:func:`stand_in`: the same pools, page size, window and layer kinds, but 1-element K/V,
+the full and SWA layer counts divided by their gcd, and at most two recurrent layers whose
+state is shrunk by the same factor. So a full page, an SWA page and a state slot keep the
+real model's byte ratios (what an arena shared by the pools trades in), every byte count
+is the real one over :func:`byte_scale`, and a 120B model's pools simulate in little
+memory. The manager's decisions depend only on those, and the FakeEngine's codes need no
+more; reports give bytes for the real shape.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hybridkv.scheduler import CacheConfig
@@ -48,14 +52,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def _attention_gcd(config: CacheConfig) -> int:
+    """The gcd of the full and SWA layer counts (1 without attention layers)."""
+    return math.gcd(len(config.full_layer_ids), len(config.swa_layer_ids)) or 1
+
+
+def byte_scale(config: CacheConfig) -> int:
+    """Real bytes per byte of :func:`stand_in` ``(config)``: the attention layers' gcd times
+    the K/V elements per token and layer."""
+    return _attention_gcd(config) * config.num_kv_heads * config.head_dim
+
+
 def stand_in(config: CacheConfig) -> CacheConfig:
-    """The config a simulation of ``config`` runs on (see the module docstring)."""
-    kinds = []
-    if config.full_layer_ids:
-        kinds.append("full")
-    if config.swa_layer_ids:
-        kinds.append("swa")
-    kinds += ["state"] * min(2, len(config.mamba_layer_ids))
+    """The config a simulation of ``config`` runs on (see the module docstring).
+
+    The state elements per slot are divided by :func:`byte_scale` over the stand-in's
+    recurrent layers, rounded (exact where it divides, as for the presets). An arena's
+    ``memory_bytes`` is divided by :func:`byte_scale` too, so it holds as many chunks.
+    """
+    g, scale = _attention_gcd(config), byte_scale(config)
+    kinds = ["full"] * (len(config.full_layer_ids) // g) + ["swa"] * (
+        len(config.swa_layer_ids) // g
+    )
+    recurrent = len(config.mamba_layer_ids)
+    kinds += ["state"] * min(2, recurrent)
     changes: dict[str, Any] = dict(
         num_layers=len(kinds),
         swa_layer_ids=tuple(i for i, k in enumerate(kinds) if k == "swa"),
@@ -63,6 +83,10 @@ def stand_in(config: CacheConfig) -> CacheConfig:
         num_kv_heads=1,
         head_dim=1,
     )
-    if config.mamba_layer_ids:
-        changes["state_shape"] = (8,)
+    if recurrent:
+        elements = recurrent * math.prod(config.state_shape) / scale
+        changes["state_shape"] = (max(1, round(elements / min(2, recurrent))),)
+    memory = getattr(config, "memory_bytes", None)  # NOTE: an arena config (its field)
+    if memory is not None:
+        changes["memory_bytes"] = memory // scale
     return config.replace(**changes)

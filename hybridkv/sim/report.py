@@ -11,7 +11,9 @@ from pathlib import Path
 
 from hybridkv.scheduler import CacheConfig
 from hybridkv.scheduler.hf_config import cache_bytes
+from hybridkv.sim.models import byte_scale
 from hybridkv.sim.run import SimResult, bytes_per_token
+from hybridkv.sim.splits import swa_share
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = " .:-=+*#"
@@ -50,9 +52,11 @@ def sparkline(
 def summary(res: SimResult) -> dict[str, object]:
     """The report's numbers as a flat dict (what tests and ``--compare`` read)."""
     s = res.stats
+    scale = byte_scale(res.model) if res.model is not None else 1
     prefill = res.prefill_tokens
     full = [x.full_used for x in res.samples] or [0.0]
     swa = [x.swa_used for x in res.samples] or [0.0]
+    memory = [x.memory_used for x in res.samples] or [0.0]
     out: dict[str, object] = {
         "workload": res.workload,
         "requests": res.requests,
@@ -81,6 +85,10 @@ def summary(res: SimResult) -> dict[str, object]:
         "swa_used_min": min(swa),
         "swa_used_mean": sum(swa) / len(swa),
         "swa_used_max": max(swa),
+        "memory_bytes": s.get("memory_bytes", 0) * scale,
+        "memory_used_mean": sum(memory) / len(memory),
+        "memory_used_max": max(memory),
+        "output_tokens_per_step": res.output_tokens / res.steps if res.steps else 0.0,
         "evicted_full_tokens": s.get("evicted_full_tokens", 0),
         "evicted_swa_tokens": s.get("evicted_swa_tokens", 0),
         "retractions": s.get("retracted_requests", 0),
@@ -136,10 +144,14 @@ def describe(cfg: CacheConfig) -> str:
         )
     host = f"host {cfg.host_tokens} tokens, {cfg.write_policy}" if cfg.host_tokens else "host off"
     pools = f"full pool {cfg.full_tokens}" + (f", SWA pool {cfg.swa_tokens}" if swa else "")
+    pools += " tokens"
+    arena = getattr(cfg, "memory_bytes", None)  # NOTE: the arena's field, where it exists
+    if arena is not None:
+        pools = f"one arena of {_size(arena)} for every pool"
     dtype = str(cfg.dtype).removeprefix("torch.")
     return (
         f"{layers}, page {cfg.page_size}, {cfg.num_kv_heads} kv heads x {cfg.head_dim}, {dtype}; "
-        f"{pools} tokens; {host}; storage {cfg.storage or 'off'}; "
+        f"{pools}; {host}; storage {cfg.storage or 'off'}; "
         f"backend {cfg.backend or 'auto'} on {cfg.device}; SWA eviction {cfg.swa_eviction}"
     )
 
@@ -199,6 +211,11 @@ def format_report(res: SimResult, ascii_only: bool = False) -> str:
             f"{m['full_used_max']:.2f}  SWA {m['swa_used_min']:.2f}/{m['swa_used_mean']:.2f}/"
             f"{m['swa_used_max']:.2f}  (over {len(samples):,} steps:)",
         ),
+        _line(
+            "memory use",
+            f"mean {m['memory_used_mean']:.2f}, max {m['memory_used_max']:.2f} of "
+            f"{_size(m['memory_bytes'])} (pages of any pool holding running or cached KV)",
+        ),
         _line("  full used", spark([x.full_used for x in samples])),
         _line("  SWA used", spark([x.swa_used for x in samples])),
         _line("  hit rate", spark([x.hit_rate for x in samples]) + " cumulative"),
@@ -249,18 +266,7 @@ def format_compare(rows: Sequence[tuple[str, SimResult | str]]) -> str:
         m = summary(res)
         table.append([name, *(fmt.format(m[key]) for _, key, fmt in COLUMNS)])
         notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
-    full_rows = [r for r in [header, *table] if len(r) > 2]
-    widths = [max(len(r[i]) for r in full_rows) for i in range(len(header))]
-    widths[0] = max(len(r[0]) for r in [header, *table])
-    out = []
-    for r in [header, *table]:
-        cells = [r[0].ljust(widths[0])]
-        if len(r) == 2:
-            cells.append(r[1])
-        else:
-            cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out + notes)
+    return "\n".join([_table(header, table), *notes])
 
 
 def plot(res: SimResult, path: str | Path) -> None:
@@ -291,3 +297,76 @@ def plot(res: SimResult, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+SPLIT_COLUMNS = (
+    ("steps", "steps", "{:,}"),
+    ("vs default", "speedup", "{:.2f}x"),
+    ("hit rate", "hit_rate", "{:.1%}"),
+    ("mem util", "memory_used_mean", "{:.1%}"),
+    ("out tok/step", "output_tokens_per_step", "{:.1f}"),
+    ("computed", "computed_tokens", "{:,}"),
+    ("retract", "retractions", "{:,}"),
+    ("evict full", "evicted_full_tokens", "{:,}"),
+    ("evict SWA", "evicted_swa_tokens", "{:,}"),
+    ("OOMs", "ooms", "{}"),
+    ("wall s", "wall_s", "{:.1f}"),
+)
+
+
+def _split_pools(cfg: CacheConfig) -> tuple[float | None, int | None, int | None]:
+    """``(SWA share of the bytes, full pool tokens, SWA pool tokens)`` of a static split;
+    ``None`` for each in an arena (the pools change with demand)."""
+    if getattr(cfg, "memory_bytes", None) is not None:  # NOTE: the arena's field
+        return None, None, None
+    return swa_share(cfg), cfg.full_tokens, cfg.swa_tokens
+
+
+def split_row(res: SimResult, default_steps: int) -> dict[str, object]:
+    """The summary of one ``--compare splits`` row, with its pools (``None`` in an arena)
+    and its speedup in steps over the default split (``default_steps``; 0: that did not
+    finish cleanly)."""
+    share, full, swa = _split_pools(res.shape)
+    speedup = default_steps / res.steps if res.steps and default_steps else 0.0
+    return summary(res) | {
+        "swa_share": share,
+        "full_pool": full,
+        "swa_pool": swa,
+        "speedup": speedup,
+    }
+
+
+def format_splits(rows: Sequence[tuple[str, SimResult | str]], default_steps: int) -> str:
+    """The ``--compare splits`` table: one ``(split, result)`` per line, a ``str`` result
+    (why the split cannot run) shown as-is; speedups over ``default_steps``."""
+    header = ["split", "SWA share", "full pool", "SWA pool", *(c[0] for c in SPLIT_COLUMNS)]
+    table: list[list[str]] = []
+    notes: list[str] = []
+    for name, res in rows:
+        if isinstance(res, str):
+            table.append([name, res])
+            continue
+        m = split_row(res, default_steps)
+        share, full, swa = _split_pools(res.shape)
+        cells = ["by demand", "arena", "arena"]
+        if share is not None:
+            cells = [_pct(share), f"{full:,}", f"{swa:,}"]
+        table.append([name, *cells, *(fmt.format(m[key]) for _, key, fmt in SPLIT_COLUMNS)])
+        notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
+    return "\n".join([_table(header, table), *notes])
+
+
+def _table(header: list[str], table: list[list[str]]) -> str:
+    """``header`` and ``table`` right-aligned in columns; a two-cell row's second cell spans."""
+    full_rows = [r for r in [header, *table] if len(r) > 2]
+    widths = [max(len(r[i]) for r in full_rows) for i in range(len(header))]
+    widths[0] = max(len(r[0]) for r in [header, *table])
+    out = []
+    for r in [header, *table]:
+        cells = [r[0].ljust(widths[0])]
+        if len(r) == 2:
+            cells.append(r[1])
+        else:
+            cells += [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)

@@ -49,6 +49,7 @@ class Sample(NamedTuple):
     device_hit_rate: float = 0.0  # the hit rate's split by tier (they sum to hit_rate)
     host_hit_rate: float = 0.0
     storage_hit_rate: float = 0.0
+    memory_used: float = 0.0  # bytes of pages allocated (running + cached) over the budget
 
 
 class SimError(NamedTuple):
@@ -292,4 +293,5 @@ def _sample(mm: MemoryManager, res: SimResult, stats: dict[str, int]) -> Sample:
         stats["running"],
         stats["waiting"],
         *tiers,
+        stats["used_bytes"] / stats["memory_bytes"],
     )

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class FullPart(Part):
     """Device full KV: counters and the full eviction LRU."""
 
+    COUNTERS = ("cached", "evictable")
+
     def __init__(self, tree: RadixTree) -> None:
         self.tree = tree
         self.cached = 0  # tokens with device full KV

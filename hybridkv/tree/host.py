@@ -37,6 +37,8 @@ def _slots(pages: torch.Tensor, page_size: int) -> torch.Tensor:
 class HostPart(Part):
     """Host copies of a tree's device values in the pools of ``host``, and storage (L3)."""
 
+    COUNTERS = ("backed_up_tokens", "cached_full", "cached_swa", "loaded_swa_tokens")
+
     def __init__(self, tree: RadixTree, host: HostTier) -> None:
         self.tree = tree
         self.host = host

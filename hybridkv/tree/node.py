@@ -22,7 +22,9 @@ class Node:
     Lock counts are per component: a full lock pins the node's full KV (every node on a
     locked path), an SWA lock its SWA KV (the nodes in a locked prefix's last window), a
     host lock its host values (a load back or a copy in flight), a state lock its snapshot
-    (a copy from it is pending).
+    (a copy from it is pending). A lock whose SWA pin starts inside the node (at a page
+    boundary) is not a lock count but an entry of ``swa_pins`` (sorted, with repeats): it
+    pins the SWA KV from that position on, so ``[start, swa_pins[0])`` stays evictable.
 
     The tree owns the structure (key, start, parent, children, full lock, LRU key); each
     value and its lock belong to the tree part of its component (``hybridkv.tree.parts``),
@@ -44,6 +46,7 @@ class Node:
     host_state: int | None = None
     full_lock: int = 0
     swa_lock: int = 0
+    swa_pins: list[int] = field(default_factory=list)
     host_lock: int = 0
     state_lock: int = 0
     last_access: int = 0

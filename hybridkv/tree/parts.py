@@ -38,6 +38,9 @@ class LockHandle:
 class Part(Protocol):
     """Hooks the tree calls on its parts (each defaults to doing nothing)."""
 
+    # The counters the part changes in place; the tree keeps them for the step's undo.
+    COUNTERS: tuple[str, ...] = ()
+
     def heaps(self) -> tuple[LazyHeap, ...]:
         """The part's LRU heaps (the tree compacts them once detached nodes pile up)."""
         return ()

@@ -340,13 +340,14 @@ class RadixTree:
         heaps are kept as they change)."""
         self.undo.save(self, "_clock", "_live", "_dead")
         for part in self.parts:
-            self.undo.save(part)
+            if part.COUNTERS:
+                self.undo.save(part, *part.COUNTERS)
 
     def split(self, node: Node, k: int) -> Node:
         """Split ``node`` after ``k`` tokens; return the new upper part (``node`` keeps the rest).
 
-        Both parts inherit the lock counts: every lock covers whole nodes (locks split the
-        node at their window start), so a lock on the node is a lock on both parts.
+        Both parts inherit the lock counts: a lock on the node is a lock on both parts; the
+        SWA part shares out the SWA pins that start inside the node.
         """
         ps, parent = self.page_size, node.parent
         ensure(parent is not None and 0 < k < len(node), "a split outside a node")
@@ -383,8 +384,9 @@ class RadixTree:
     def inc_lock(self, node: Node, swa_start: int | None = None) -> LockHandle:
         """Pin the full KV of the path to ``node`` and the SWA KV of its nodes from position
         ``swa_start`` on (default: the node's last window; a request sliding past its prefix
-        pins less, one whose prefix is still to be loaded back pins the final window). A
-        tombstone in that range is pinned too: it is about to get its SWA KV back."""
+        pins less, one whose prefix is still to be loaded back pins the final window), which
+        may lie inside a node (no split). A tombstone in that range is pinned too: it is
+        about to get its SWA KV back."""
         if self.swa_part is None or node is self.root:
             swa_start = node.end
         else:
@@ -416,7 +418,8 @@ class RadixTree:
         pass: unpin the SWA KV of ``[old start, new start)`` on each path; full pins stay.
 
         Equivalent to ``inc_lock(node, start)`` then ``dec_lock(handle)``, without walking
-        each path twice or touching its full locks. Returns the new handles.
+        each path twice or touching its full locks, and without splitting a node (only the
+        nodes between the two starts change). Returns the new handles.
         """
         ensure(self.swa_part is not None, "sliding SWA locks of a model without SWA")
         return self.swa_part.slide_locks(handles, starts)

@@ -35,6 +35,8 @@ def _pinned(node: Node) -> bool:
 class StatePart(Part):
     """Device snapshots in the state pool ``pool``: counters and the snapshot LRU."""
 
+    COUNTERS = ("cached", "pinned")
+
     def __init__(self, tree: RadixTree, pool: StatePool) -> None:
         self.tree = tree
         self.pool = pool

@@ -15,6 +15,7 @@ LRU order. Only models with sliding-window layers have this part.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +35,36 @@ def _candidate(node: Node) -> bool:
     return node.swa and node.swa_lock == 0 and node.parent is not None
 
 
+def _unpinned(node: Node) -> int:
+    """Tokens of ``node`` before its first partial SWA pin (all of them without one)."""
+    return (node.swa_pins[0] if node.swa_pins else node.end) - node.start
+
+
+def _evictable(node: Node) -> int:
+    """Tokens of ``node``'s device SWA KV that no SWA lock pins."""
+    return _unpinned(node) if node.swa and node.swa_lock == 0 else 0
+
+
+def _pin(node: Node, start: int, delta: int) -> None:
+    """Add (``+1``) or remove (``-1``) what a lock pinning SWA from ``start`` holds of
+    ``node``: a lock count, a partial pin or nothing."""
+    if start <= node.start:
+        ensure(node.swa_lock + delta >= 0, "unlocking an unlocked node")
+        node.swa_lock += delta
+    elif start < node.end:
+        pins = node.swa_pins
+        if delta > 0:
+            insort(pins, start)
+        else:
+            i = bisect_left(pins, start)
+            ensure(i < len(pins) and pins[i] == start, "unpinning an unpinned position")
+            del pins[i]
+
+
 class SWAPart(Part):
     """Device SWA KV of a tree with window ``window`` tokens, evicted by ``policy``."""
+
+    COUNTERS = ("cached", "evictable")
 
     def __init__(self, tree: RadixTree, window: int, policy: str) -> None:
         self.tree = tree
@@ -83,38 +112,25 @@ class SWAPart(Part):
     # ---------------------------------------------------------------- locks
 
     def lock_start(self, node: Node, swa_start: int | None) -> int:
-        """Where a lock on ``node`` starts pinning SWA (default: its last window), made a
-        node boundary."""
+        """Where a lock on ``node`` starts pinning SWA (default: its last window). It may lie
+        inside a node (a partial pin, no split), except inside a tombstone: that is split
+        there, so only the pinned part is loaded back."""
         if swa_start is None:
             swa_start = self.window_start(node.end)
         swa_start = min(swa_start, node.end)
-        self.tree.split_at(node, swa_start)
+        ensure(swa_start % self.page_size == 0, "an SWA pin inside a page")
+        n = node
+        while n.start > swa_start:
+            n = n.parent
+        if not n.swa and n.start < swa_start < n.end:
+            self.tree.split(n, swa_start - n.start)
         return swa_start
 
     def on_lock(self, handle: LockHandle, locked: list[Node]) -> None:
-        for n in handle.node.path():
-            if n.start < handle.swa_start:
-                break
-            if n.swa_lock == 0 and n.swa:
-                self.evictable -= len(n)
-            self.tree.undo.save(n)
-            n.swa_lock += 1
+        self._move_pin(handle.node, handle.node.end, handle.swa_start)
 
     def on_unlock(self, handle: LockHandle, unlocked: list[Node]) -> None:
-        self._unpin(handle.node, handle.swa_start, handle.node.end)
-
-    def _unpin(self, node: Node, start: int, end: int) -> None:
-        """Drop one SWA lock of the nodes of ``[start, end)`` on the path to ``node``."""
-        for n in node.path():
-            if n.start < start:
-                break
-            if n.start < end:
-                ensure(n.swa_lock > 0, "unlocking an unlocked node")
-                self.tree.undo.save(n)
-                n.swa_lock -= 1
-                if n.swa_lock == 0 and n.swa:
-                    self.evictable += len(n)
-                    self.lru.push(n)
+        self._move_pin(handle.node, handle.swa_start, handle.node.end)
 
     def slide_locks(self, handles: list[LockHandle], starts: list[int]) -> list[LockHandle]:
         """See :meth:`RadixTree.slide_swa_locks`."""
@@ -123,10 +139,29 @@ class SWAPart(Part):
             node, old = handle.node, handle.swa_start
             start = min(start, node.end)
             ensure(start >= old, "an SWA pin only slides forward")
-            self.tree.split_at(node, start)
-            self._unpin(node, old, start)
+            ensure(start % self.page_size == 0, "an SWA pin inside a page")
+            self._move_pin(node, old, start)
             moved.append(LockHandle(node, start))
         return moved
+
+    def _move_pin(self, node: Node, old: int, new: int) -> None:
+        """Move one lock's SWA pin on the path to ``node`` from position ``old`` to ``new``
+        (``node.end``: no pin). Only the nodes between the two change (walking parents)."""
+        if old == new:
+            return
+        lo, hi = min(old, new), max(old, new)
+        n = node
+        while n.start >= hi:  # pinned whole either way
+            n = n.parent
+        while n.parent is not None and n.end > lo:
+            before, locked = _evictable(n), n.swa_lock
+            self.tree.undo.save(n, "swa_lock", "swa_pins")
+            _pin(n, old, -1)
+            _pin(n, new, +1)
+            self.evictable += _evictable(n) - before
+            if locked and _candidate(n):
+                self.lru.push(n)
+            n = n.parent
 
     # ---------------------------------------------------------------- insert and split
 
@@ -149,12 +184,20 @@ class SWAPart(Part):
         self.tree.undo.save(node)
         node.swa = True
         self.cached += len(node)
-        if node.swa_lock == 0:
-            self.evictable += len(node)
-            self.queue(node)
+        self.evictable += _evictable(node)
+        self.queue(node)
 
     def on_split(self, upper: Node, lower: Node, k: int) -> None:
+        """Partial pins before the cut stay partial pins of ``upper`` and become lock counts
+        of ``lower``, as does one at the cut; those after it stay ``lower``'s. The evictable
+        tokens of the two parts add up to those of the node."""
+        at, pins = lower.start + k, lower.swa_pins
         upper.swa, upper.swa_lock = lower.swa, lower.swa_lock
+        if pins:
+            upper.swa_pins = pins[: bisect_left(pins, at)]
+            through = bisect_right(pins, at)
+            lower.swa_lock += through
+            del pins[:through]
         self.queue(upper)
 
     def queue(self, node: Node) -> None:
@@ -167,7 +210,7 @@ class SWAPart(Part):
     def on_drop(self, node: Node) -> None:
         if node.swa:
             self.cached -= len(node)
-            self.evictable -= len(node)
+            self.evictable -= _evictable(node)
             self.tree.undo.save(node)
             node.swa = False
 
@@ -230,8 +273,11 @@ class SWAPart(Part):
         return freed
 
     def tombstone(self, node: Node, tombstoned: list[Node]) -> int:
-        """Drop a node's device SWA KV (the tree frees it); keep its full KV. Tokens freed."""
+        """Drop a node's device SWA KV up to its first partial pin (the tree frees it; the
+        pinned rest is split off and keeps it); keep its full KV. Tokens freed."""
         ensure(node.swa and node.swa_lock == 0, "tombstoning a locked or absent SWA node")
+        if node.swa_pins:
+            node = self.tree.split(node, _unpinned(node))
         self.tree.undo.save(node)
         node.swa = False
         tombstoned.append(node)
@@ -271,7 +317,15 @@ class SWAPart(Part):
         swa_map = self.tree.allocator.full_to_swa
         cached = evictable = 0
         for node in nodes:
+            pins = node.swa_pins
             ensure(node.swa_lock >= 0, "a negative SWA lock")
+            ensure(node.full_lock >= node.swa_lock + len(pins), "an SWA lock without a full lock")
+            ensure(not pins or node.swa, "a partial SWA pin on a tombstone")
+            ensure(
+                all(node.start < p < node.end and p % self.page_size == 0 for p in pins)
+                and pins == sorted(pins),
+                "a partial SWA pin out of its node or order",
+            )
             if not node.on_device:
                 ensure(not node.swa, "an SWA host-only node")
                 continue
@@ -280,7 +334,7 @@ class SWAPart(Part):
             ensure(present, "SWA map mismatch")
             if node.swa:
                 cached += len(node)
-                evictable += len(node) if node.swa_lock == 0 else 0
+                evictable += _evictable(node)
         ensure((cached, evictable) == (self.cached, self.evictable), "SWA counters")
         candidates = [n for n in nodes if _candidate(n)]
         self.lru.check([], "swa")
