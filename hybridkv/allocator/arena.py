@@ -119,18 +119,19 @@ class Arena:
         if pages <= 0:
             return 0
         free = np.flatnonzero(self.owner == FREE)
-        got: list[np.ndarray] = []
-        gained = 0
-        for chunk in free.tolist():
-            if gained >= pages:
-                break
-            first, end = self.layout.pages_in(pool, chunk)
-            got.append(np.arange(first, end, dtype=np.int64))
-            gained += end - first
-            self._set_owner(chunk, pool)
-        if got:
-            self.pools[pool].add_pages(np.concatenate(got))
-        return gained
+        b, c = self.layout.page_bytes[pool], self.layout.chunk_bytes
+        firsts, ends = -(-free * c // b), (free + 1) * c // b
+        counts = ends - firsts
+        # the fewest free chunks (lowest first) whose pages reach ``pages``
+        take = int(np.searchsorted(np.cumsum(counts), pages)) + 1
+        chunks, firsts, counts = free[:take], firsts[:take], counts[:take]
+        if not chunks.size:
+            return 0
+        self._undo.save(self, "owner")
+        self.owner[chunks] = pool
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.pools[pool].add_pages(np.repeat(firsts, counts) + offsets)
+        return int(counts.sum())
 
     def reclaim(self, keep: int | None = None) -> int:
         """Take back every wholly free chunk of the pools but ``keep``; returns how many.
