@@ -240,7 +240,7 @@ SCENARIOS = {
         mamba_layer_ids=(1,),
         state_shape=(2, 3),
         sliding_window=6,
-        memory_bytes=14 * 384,
+        memory_bytes=11 * 384,
         host_tokens=96,
         write_policy="write_back",
     ),
