@@ -23,7 +23,7 @@ import torch
 from workloads import VOCAB, small_config, snapshot, tokens
 
 from hybridkv import kernels
-from hybridkv.allocator import HostPool, PagedAllocator, StatePool, SWAAllocator
+from hybridkv.allocator import Arena, HostPool, PagedAllocator, StatePool, SWAAllocator
 from hybridkv.scheduler import MemoryManager, Request
 from hybridkv.scheduler.table import ROW_FIELDS
 from hybridkv.sim.engine import FakeEngine
@@ -39,6 +39,10 @@ FALLIBLE: list[tuple[object, str]] = [
     (PagedAllocator, "alloc_decode"),
     (PagedAllocator, "free"),
     (PagedAllocator, "free_pages"),
+    (PagedAllocator, "add_pages"),
+    (PagedAllocator, "reorder_free"),
+    (Arena, "grant"),
+    (Arena, "reclaim"),
     (SWAAllocator, "alloc_extend"),
     (SWAAllocator, "alloc_decode"),
     (SWAAllocator, "free"),
@@ -107,6 +111,8 @@ def manager_state(mm: MemoryManager) -> dict[str, object]:
                 out[f"host_{name}_free"] = pool.allocator.free_pages_view().tolist()
     if mm.states is not None:
         out["state_free"] = mm.states.allocator.free_pages_view().tolist()
+    if mm.arena is not None:
+        out["arena"] = mm.arena.owner.tolist()
     out["tree"] = _tree_pages(mm)
     out["kv"] = _cached_kv(mm)
     rows = [r for r in range(t.rows) if t.owner[r] is not None]
@@ -227,6 +233,18 @@ class Retrying:
 
 
 SCENARIOS = {
+    # an arena a little above its smallest: the pools take chunks and give them back
+    "arena_mamba": dict(
+        num_layers=3,
+        swa_layer_ids=(0,),
+        mamba_layer_ids=(1,),
+        state_shape=(2, 3),
+        sliding_window=6,
+        memory_bytes=11 * 384,
+        host_tokens=96,
+        write_policy="write_back",
+    ),
+    "arena_swa": dict(sliding_window=6, memory_bytes=18 * 256),
     "full_only": dict(swa_layer_ids=(), sliding_window=None, swa_tokens=0, full_tokens=40),
     "swa_write_back": dict(
         full_tokens=40, swa_tokens=24, sliding_window=6, host_tokens=128, write_policy="write_back"
@@ -323,6 +341,8 @@ def test_every_failing_call_leaves_the_manager_unchanged(scenario: str, tmp_path
     config = SCENARIOS[scenario]
     reference, counted = _run(config, tmp_path, None)
     assert counted.calls > 20
+    if "memory_bytes" in config:  # chunks migrate: failing those calls is covered too
+        assert {"Arena.grant", "Arena.reclaim", "PagedAllocator.reorder_free"} <= set(counted.names)
     for fail_at in fault_points(counted.names, FAULT_BUDGET):
         plans, faults = _run(config, tmp_path, fail_at)
         assert faults.fired == counted.names[fail_at]

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from workloads import VOCAB, Driver, check_gauges, small_config, tokens
 
-from hybridkv import MemoryManager, Request
+from hybridkv import CacheConfig, MemoryManager, Request
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,6 +88,17 @@ def _pages(n: int, ps: int) -> int:
     return -(-n // ps)
 
 
+def _arena(cfg: CacheConfig, extra: int) -> CacheConfig:
+    """``cfg`` with one arena instead of its static pools: the smallest arena whose full
+    pool reaches the static one's size, and ``extra`` chunks."""
+    probe = cfg.replace(memory_bytes=1 << 30)
+    layout = probe.arena_layout
+    chunks = probe.arena_min_chunks + extra
+    if "full" in probe.arena_pools:
+        chunks += _pages(cfg.full_tokens // cfg.page_size, layout.min_pages_per_chunk(0))
+    return cfg.replace(memory_bytes=chunks * layout.chunk_bytes)
+
+
 class FuzzMachine(RuleBasedStateMachine):
     """Random operations on one manager of a random config; every step checked."""
 
@@ -113,6 +124,7 @@ class FuzzMachine(RuleBasedStateMachine):
         stop_token=st.one_of(st.none(), st.integers(0, VOCAB - 1)),
         initial=st.integers(0, 6),
         seed=st.integers(0, 2**16),
+        arena_extra=st.one_of(st.none(), st.integers(0, 12)),
     )
     def setup(
         self,
@@ -137,6 +149,7 @@ class FuzzMachine(RuleBasedStateMachine):
         stop_token: int | None,
         initial: int,
         seed: int,
+        arena_extra: int | None,
     ) -> None:
         swa, mamba = layout
         if window_kind == "below" and ps > 1:
@@ -175,6 +188,8 @@ class FuzzMachine(RuleBasedStateMachine):
         )
         if cfg.has_swa:
             cfg = cfg.replace(swa_tokens=cfg.min_swa_tokens + swa_extra * ps)
+        if arena_extra is not None:
+            cfg = _arena(cfg, arena_extra)
         self.rng = random.Random(seed)
         longest = max(1, self.max_total * 2 // 3)
         self.prefixes = [tokens(self.rng, self.rng.randint(1, longest)) for _ in range(3)]
@@ -207,7 +222,7 @@ class FuzzMachine(RuleBasedStateMachine):
         mm = self.driver.mm
         if too_long == 0:
             cfg = mm.config
-            pool = cfg.full_tokens - cfg.full_tokens % cfg.page_size
+            pool = cfg.full_capacity
             over = min(pool, cfg.max_context_len) + 1 + pick % 8
             request = Request("too-long", tokens(self.rng, over - 1), 1)
             assert_refused_unchanged(mm, lambda: mm.add_request(request), "fit|max_context_len")

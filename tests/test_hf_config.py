@@ -69,7 +69,7 @@ def pool_bytes(cfg: CacheConfig) -> int:
 
 def test_llama_is_full_only_and_fills_the_budget_exactly() -> None:
     """Llama 3 8B: 32 full layers, 8 KV heads of hidden/heads = 128; 16 GiB is 8192 pages."""
-    cfg = CacheConfig.from_hf_config(LLAMA3_8B, 16 * GiB)
+    cfg = CacheConfig.from_hf_config(LLAMA3_8B, 16 * GiB, swa_full_tokens_ratio=0.8)
     assert (cfg.num_layers, cfg.swa_layer_ids, cfg.mamba_layer_ids) == (32, (), ())
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.dtype) == (8, 128, torch.bfloat16)
     assert cache_bytes(cfg)["full"] == 2 * 32 * 8 * 128 * 2
@@ -78,7 +78,7 @@ def test_llama_is_full_only_and_fills_the_budget_exactly() -> None:
 
 def test_gemma3_text_config_and_pattern() -> None:
     """Gemma 3 27B: the text_config, every sixth layer full, window 1024, SWA ratio 0.8."""
-    cfg = from_hf_config(GEMMA3_27B, 24 * GiB)
+    cfg = from_hf_config(GEMMA3_27B, 24 * GiB, swa_full_tokens_ratio=0.8)
     assert cfg.full_layer_ids == [5, 11, 17, 23, 29, 35, 41, 47, 53, 59]
     assert len(cfg.swa_layer_ids) == 52 and cfg.sliding_window == 1024
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.dtype) == (16, 128, torch.bfloat16)
@@ -98,7 +98,7 @@ def test_gemma3_layer_types_and_gemma2_alternation() -> None:
 
 def test_gpt_oss_layer_types() -> None:
     """GPT-OSS: alternating sliding/full layers, window 128, head_dim 64."""
-    cfg = from_hf_config(GPT_OSS, GiB)
+    cfg = from_hf_config(GPT_OSS, GiB, swa_full_tokens_ratio=0.8)
     assert cfg.swa_layer_ids == (0, 2) and cfg.full_layer_ids == [1, 3]
     assert (cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim) == (128, 8, 64)
     assert cache_bytes(cfg)["full"] == cache_bytes(cfg)["swa"] == 2 * 2 * 8 * 64 * 2
@@ -107,7 +107,7 @@ def test_gpt_oss_layer_types() -> None:
 
 def test_mistral_slides_everywhere_and_qwen2_from_max_window_layers() -> None:
     """Mistral: every layer slides (the full pool holds no bytes); Qwen2: layers >= 2."""
-    cfg = from_hf_config(MISTRAL, GiB)
+    cfg = from_hf_config(MISTRAL, GiB, swa_full_tokens_ratio=0.8)
     assert cfg.swa_layer_ids == (0, 1, 2, 3) and cfg.dtype == torch.float16
     assert cache_bytes(cfg)["full"] == 0 and cfg.full_tokens >= cfg.swa_tokens
     assert pool_bytes(cfg) <= GiB and cfg.swa_tokens * cache_bytes(cfg)["swa"] > 0.99 * GiB
@@ -118,7 +118,7 @@ def test_mistral_slides_everywhere_and_qwen2_from_max_window_layers() -> None:
 
 def test_jamba_attention_period_and_mamba1_state() -> None:
     """Jamba: attention at i % 8 == 4, Mamba-1 state (2 * hidden, d_conv + d_state)."""
-    cfg = from_hf_config(JAMBA, GiB)
+    cfg = from_hf_config(JAMBA, GiB, swa_full_tokens_ratio=0.8)
     assert cfg.full_layer_ids == [4, 12] and len(cfg.mamba_layer_ids) == 14
     assert cfg.state_shape == (1024, 4 + 16)
     state_bytes = 14 * 1024 * 20 * 2
@@ -145,17 +145,17 @@ def test_nemotron_h_pattern() -> None:
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f["model_type"])
 def test_every_family_fits_its_budget(family: dict) -> None:
     """Every family's pools stay within the budget and use most of it."""
-    cfg = from_hf_config(family, 8 * GiB)
+    cfg = from_hf_config(family, 8 * GiB, swa_full_tokens_ratio=0.8)
     assert 0.99 * 8 * GiB < pool_bytes(cfg) <= 8 * GiB
 
 
 def test_small_budget_keeps_the_smallest_swa_pool() -> None:
     """A budget below the ratio's SWA minimum raises the SWA pool and shrinks the full one."""
     budget = 560 * (1 << 20)
-    cfg = from_hf_config(GEMMA3_27B, budget, page_size=16)
+    cfg = from_hf_config(GEMMA3_27B, budget, swa_full_tokens_ratio=0.8, page_size=16)
     assert cfg.swa_tokens == cfg.min_swa_tokens and pool_bytes(cfg) <= budget
     with pytest.raises(ValueError, match="memory_bytes=1000000: "):
-        from_hf_config(GEMMA3_27B, 1_000_000)
+        from_hf_config(GEMMA3_27B, 1_000_000, swa_full_tokens_ratio=0.8)
 
 
 def test_overrides_win_and_a_tiny_config_runs() -> None:
@@ -163,7 +163,8 @@ def test_overrides_win_and_a_tiny_config_runs() -> None:
     tiny = dict(GEMMA2, sliding_window=8)
     cfg = from_hf_config(tiny, 1 << 20, page_size=4, device="cpu", backend="torch")
     assert cfg.page_size == 4 and cfg.sliding_window == 8
-    assert from_hf_config(tiny, 1 << 20, full_tokens=256).full_tokens == 256
+    static = from_hf_config(tiny, 1 << 20, swa_full_tokens_ratio=0.8, full_tokens=256)
+    assert static.full_tokens == 256
     mm = MemoryManager(cfg)
     mm.check()
     mm.close()

@@ -367,7 +367,7 @@ def test_cli_model_preset_json(capsys) -> None:  # noqa: ANN001
     out = json.loads(capsys.readouterr().out)
     assert out["finished"] == 6 and out["errors"] == 0 and out["error_list"] == []
     assert out["config"]["num_layers"] == 36 and out["simulated_config"]["num_layers"] == 2
-    real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], 1 << 28)
+    real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], 1 << 28, swa_full_tokens_ratio=0.8)
     assert out["config"]["full_tokens"] == real.full_tokens
     assert out["config"]["host_tokens"] == 2 * real.full_tokens
     tiers = sum(out[f"{t}_hit_rate"] for t in report.TIERS)

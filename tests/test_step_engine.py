@@ -26,10 +26,11 @@ def debug_off() -> Iterator[None]:
         kernels.set_debug(was)
 
 
-def _decoding(running: int, swa: bool, backend: str) -> MemoryManager:
+def _decoding(running: int, swa: bool, backend: str, arena: bool = False) -> MemoryManager:
     """A manager whose next steps decode all ``running`` requests in lockstep, with room
     for everything (a steady step: nothing to evict or retract), windows past the prompts
-    (their locks pin no SWA any more)."""
+    (their locks pin no SWA any more). ``arena``: the same bytes as one arena (its pools
+    take free chunks as they grow, which needs no sync)."""
     cfg = CacheConfig(
         num_layers=4,
         swa_layer_ids=(1, 2) if swa else (),
@@ -46,6 +47,9 @@ def _decoding(running: int, swa: bool, backend: str) -> MemoryManager:
         device=str(DEVICE),
         backend=backend,
     )
+    if arena:
+        probe = MemoryManager(cfg).stats()["memory_bytes"]
+        cfg = cfg.replace(memory_bytes=probe)
     mm = MemoryManager(cfg)
     for i in range(running):
         mm.add_request(Request(f"r{i}", [i + 1, *range(PROMPT - 1)], MAX_NEW))
@@ -98,13 +102,14 @@ def _backends() -> list[str]:
     return ["torch", "triton"] if torch.cuda.is_available() else ["torch"]
 
 
+@pytest.mark.parametrize("arena", [False, True])
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("swa", [False, True])
 @pytest.mark.parametrize("running", [1, 64, 256])
-def test_steady_decode_step_never_syncs(running: int, swa: bool, backend: str) -> None:
+def test_steady_decode_step_never_syncs(running: int, swa: bool, backend: str, arena: bool) -> None:
     """A page's worth of steady decode steps (SWA pages slide out, pages fill) makes no
-    device->host sync at 1, 64 and 256 running."""
-    mm = _decoding(running, swa, backend)
+    device->host sync at 1, 64 and 256 running, with static pools or an arena."""
+    mm = _decoding(running, swa, backend, arena)
     _, syncs = _steps(mm, PAGE + 1)
     assert syncs == []
     mm.check()

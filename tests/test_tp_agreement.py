@@ -60,6 +60,12 @@ def _mamba_config(host_tokens: int) -> CacheConfig:
     )
 
 
+def _arena_config(host_tokens: int) -> CacheConfig:
+    """The SWA config's bytes as one arena: the pools grow and shrink by demand."""
+    static = _swa_config(host_tokens, None)
+    return static.replace(memory_bytes=MemoryManager(static).stats()["memory_bytes"])
+
+
 def _prefixes() -> list[list[int]]:
     rng = random.Random(21)
     return [[rng.randrange(VOCAB) for _ in range(n)] for n in (40, 48, 32, 56, 24)]
@@ -207,6 +213,7 @@ def _scenarios(root: Path) -> dict[str, list[CacheConfig]]:
         "storage differs": [_swa_config(512, rich), _swa_config(512, root / "poor")],
         "host and storage differ": [_swa_config(512, rich), _swa_config(96, root / "poor")],
         "host differs, recurrent layers": [_mamba_config(512), _mamba_config(192)],
+        "host differs, arena": [_arena_config(512), _arena_config(96)],
     }
 
 
@@ -221,7 +228,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int, dict]]
     return out
 
 
-SCENARIOS = ["storage differs", "host and storage differ", "host differs, recurrent layers"]
+SCENARIOS = [
+    "storage differs",
+    "host and storage differ",
+    "host differs, recurrent layers",
+    "host differs, arena",
+]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

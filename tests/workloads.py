@@ -351,8 +351,8 @@ def check_tables_read_prefix(
     would, from the first full and the first SWA layer's buffers: the full table yields
     positions ``[0, extend_start)``, the SWA table the window before ``extend_start``.
 
-    NOTE: ``mm.kv.full_buf`` / ``swa_buf`` (``[2 * layers, slots, heads, dim]``) are the
-    buffers an engine hands its attention kernels; the contract names only the tables.
+    NOTE: ``mm.kv.paged(layer)`` (``[pages, page_size, heads, dim]``) are the views an
+    engine hands its attention kernels, indexed by the tables' page ids.
     """
     cfg, ps = mm.config, mm.config.page_size
     full = [t.tolist() for t in plan.full_pages]
@@ -366,7 +366,8 @@ def check_tables_read_prefix(
             pages = torch.tensor(full[1][full[0][i] : full[0][i + 1]], dtype=torch.int64)
             pos = torch.arange(n)
             slots = pages[pos // ps] * ps + pos % ps
-            k, v = mm.kv.full_buf[0, slots], mm.kv.full_buf[1, slots]
+            kp, vp = mm.kv.paged(cfg.full_layer_ids[0])
+            k, v = kp[slots // ps, slots % ps], vp[slots // ps, slots % ps]
             assert torch.equal(k, want_k) and torch.equal(v, want_v), f"{r.rid}: full table KV"
         if swa is None or cfg.window is None:
             continue
@@ -375,7 +376,8 @@ def check_tables_read_prefix(
         pages = torch.tensor(swa[1][swa[0][i] : swa[0][i + 1]], dtype=torch.int64)
         pos = torch.arange(lo, n)
         slots = pages[pos // ps - first] * ps + pos % ps
-        k, v = mm.kv.swa_buf[0, slots], mm.kv.swa_buf[1, slots]
+        kp, vp = mm.kv.paged(cfg.swa_layer_ids[0])
+        k, v = kp[slots // ps, slots % ps], vp[slots // ps, slots % ps]
         assert torch.equal(k, want_k[lo:]) and torch.equal(v, want_v[lo:]), f"{r.rid}: SWA table KV"
 
 
@@ -398,8 +400,11 @@ def check_gauges(mm: MemoryManager, live: set[str]) -> None:
     assert s["running"] == running, (s["running"], running)
     assert s["waiting"] == len(live) - running, (s["waiting"], len(live) - running)
     held = len(held_pages) * ps
-    for pool, capacity in (("full", cfg.full_tokens), ("swa", cfg.swa_tokens)):
-        capacity -= capacity % ps
+    alloc = mm.allocator
+    for pool, capacity in (
+        ("full", alloc.full.owned_pages * ps),
+        ("swa", alloc.swa.owned_pages * ps if alloc.has_swa else 0),
+    ):
         if pool == "swa" and not cfg.has_swa:
             assert s["swa_free"] == 0 and s["swa_cached"] == 0
             continue

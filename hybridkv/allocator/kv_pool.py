@@ -1,7 +1,10 @@
 """KV buffers of the full-attention and sliding-window layers.
 
-Each pool is one tensor ``[2 * layers, slots, heads, head_dim]`` (K of layer ``j`` at
-``2j``, V at ``2j + 1``), so one page copy moves a page of every layer, K and V.
+A static pool is one tensor ``[2 * layers, slots, heads, head_dim]`` (K of layer ``j`` at
+``2j``, V at ``2j + 1``). A pool of an arena is page-major, ``[pages, 2 * layers, page_size,
+heads, head_dim]``, a view of the arena's bytes (a page is one block the arena can hand to
+another pool). Either way one page copy moves a page of every layer, K and V, and each
+layer's K and V are paged views ``[pages, page_size, heads, head_dim]``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ class KVPool:
         full_slots, swa_slots: slots per pool (page 0 included).
         page_size, num_kv_heads, head_dim, dtype, device: buffer geometry.
         full_to_swa: the allocator's full->SWA map (read, never written here).
+        pages: page-major views ``[pages, 2 * layers, page_size, heads, head_dim]`` of
+            ``(full, swa)`` to use instead of buffers of their own (an arena's; ``None``
+            for a pool that has its own buffer).
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class KVPool:
         device: torch.device,
         full_to_swa: torch.Tensor,
         backend: str | None,
+        pages: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> None:
         self.page_size = page_size
         self.num_kv_heads = num_kv_heads
@@ -41,20 +48,30 @@ class KVPool:
         self.dtype = dtype
         self.backend = backend
         self.full_to_swa = full_to_swa
+        self.device = torch.device(device)
         shape = (num_kv_heads, head_dim)
-        self.full_buf = torch.zeros(
-            2 * len(full_layer_ids), full_slots, *shape, dtype=dtype, device=device
-        )
-        self.swa_buf = torch.zeros(
-            2 * len(swa_layer_ids), swa_slots, *shape, dtype=dtype, device=device
-        )
+        # NOTE: full_buf / swa_buf exist only for static pools (layer-first buffers).
+        self.full_buf = self.swa_buf = None
+        views = []
+        for layers, slots, buf_name, page_major in (
+            (len(full_layer_ids), full_slots, "full_buf", pages[0]),
+            (len(swa_layer_ids), swa_slots, "swa_buf", pages[1]),
+        ):
+            if page_major is None:
+                buf = torch.zeros(2 * layers, slots, *shape, dtype=dtype, device=device)
+                setattr(self, buf_name, buf)
+                page_major = buf.view(2 * layers, slots // page_size, page_size, *shape)
+                page_major = page_major.transpose(0, 1)
+            views.append(page_major)
+        self._pages = views  # [pages, 2 * layers, page_size, heads, head_dim] per pool
+        self._slots = [v.shape[0] * page_size for v in views]
         self._where = {lid: (False, j) for j, lid in enumerate(full_layer_ids)}
         self._where |= {lid: (True, j) for j, lid in enumerate(swa_layer_ids)}
 
     def _locate(
         self, layer_id: int, full_slots: torch.Tensor, read: bool
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """The pool, layer index and pool slots of ``full_slots``.
+        """The pool's page-major view, layer index and pool slots of ``full_slots``.
 
         In debug mode (the checks sync) full slots outside the pool are a ``ValueError``, and
         so is reading an SWA layer where a slot has no SWA KV (outside the window, or
@@ -69,20 +86,20 @@ class KVPool:
         ):
             raise ValueError("full_slots must be a 1-D int64 tensor")
         is_swa, j = self._where[layer_id]
-        full_slots = full_slots.to(self.full_buf.device)
+        full_slots = full_slots.to(self.device)
         check = kernels.debug_enabled() and full_slots.numel() > 0
-        size = self.full_buf.shape[1]
+        size = self._slots[0]
         if check and bool(((full_slots < 0) | (full_slots >= size)).any()):
             raise ValueError(f"full_slots must lie in [0, {size}) (the full pool's slots)")
         if not is_swa:
-            return self.full_buf, j, full_slots
+            return self._pages[0], j, full_slots
         slots = kernels.full_to_swa(full_slots, self.full_to_swa, backend=self.backend)
         if read and check and bool(((slots == 0) & (full_slots != 0)).any()):
             raise ValueError(
                 f"full_slots: layer {layer_id} is an SWA layer, and some slots have no SWA KV "
                 "(outside the sliding window, or tombstoned)"
             )
-        return self.swa_buf, j, slots
+        return self._pages[1], j, slots
 
     def set_kv(
         self, layer_id: int, full_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -96,8 +113,9 @@ class KVPool:
         for name, x in (("k", k), ("v", v)):
             if tuple(x.shape) != want:
                 raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-        buf[2 * j, slots] = k.to(buf.dtype)
-        buf[2 * j + 1, slots] = v.to(buf.dtype)
+        page, offset = slots // self.page_size, slots % self.page_size
+        buf[page, 2 * j, offset] = k.to(buf.dtype)
+        buf[page, 2 * j + 1, offset] = v.to(buf.dtype)
 
     def get_kv(self, layer_id: int, full_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[n, num_kv_heads, head_dim]`` of layer ``layer_id`` at ``full_slots``.
@@ -105,7 +123,8 @@ class KVPool:
         An SWA layer holds KV only within the window: slots without it are refused (debug
         mode)."""
         buf, j, slots = self._locate(layer_id, full_slots, read=True)
-        return buf[2 * j, slots], buf[2 * j + 1, slots]
+        page, offset = slots // self.page_size, slots % self.page_size
+        return buf[page, 2 * j, offset], buf[page, 2 * j + 1, offset]
 
     def paged(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of layer ``layer_id`` as paged views ``[pages, page_size, heads, head_dim]``.
@@ -116,9 +135,8 @@ class KVPool:
         if layer_id not in self._where:
             raise ValueError(f"layer_id {layer_id} is not a full or SWA attention layer")
         is_swa, j = self._where[layer_id]
-        buf = self.swa_buf if is_swa else self.full_buf
-        shape = (buf.shape[1] // self.page_size, self.page_size, self.num_kv_heads, self.head_dim)
-        return buf[2 * j].view(shape), buf[2 * j + 1].view(shape)
+        buf = self._pages[int(is_swa)]
+        return buf[:, 2 * j], buf[:, 2 * j + 1]
 
     def layers(self) -> list[tuple[int, bool, int]]:
         """``(layer_id, is_swa, index)`` of every attention layer; its K and V are chunks
@@ -127,7 +145,4 @@ class KVPool:
 
     def page_view(self, swa: bool) -> torch.Tensor:
         """The pool as ``[pages, 2 * layers, page_size * heads * dim]`` for :func:`page_copy`."""
-        buf = self.swa_buf if swa else self.full_buf
-        page_elems = self.page_size * self.num_kv_heads * self.head_dim
-        pages = buf.shape[1] // self.page_size
-        return buf.view(buf.shape[0], pages, page_elems).transpose(0, 1)
+        return self._pages[int(swa)].flatten(2)

@@ -1,9 +1,12 @@
 """Paged allocator: a free-page stack as a device tensor.
 
-The free pages are ``stack[head:]``: allocation takes pages from the front (``head``
+The free pages are ``stack[head:end]``: allocation takes pages from the front (``head``
 advances), freeing pushes pages back in front of it (``head`` retreats), so both are
-O(pages) slices with no concatenation. Page 0 is reserved for padding writes and is
-never handed out. Running short is a ``None`` return, never an exception.
+O(pages) slices with no concatenation; ``head`` is the count of allocated pages. Page 0 is
+reserved for padding writes and is never handed out. Running short is a ``None`` return,
+never an exception. A pool of an arena (``hybridkv.allocator.arena``) starts with no pages
+and gains and loses them by whole chunks (``end`` moves; :meth:`PagedAllocator.add_pages`,
+:meth:`PagedAllocator.reorder_free`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class PagedAllocator(FreeGroup):
         device: where the free-page stack lives (the pool's device).
         backend: kernel backend (``"triton"``, ``"torch"`` or ``None`` for automatic).
         undo: the undo log of the steps that use the pool (``None``: not part of a manager).
+        empty: start with no free pages (a pool of an arena: ``num_tokens`` is then the
+            capacity of its view, and chunks it is granted add pages).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class PagedAllocator(FreeGroup):
         device: torch.device | str,
         backend: str | None,
         undo: UndoLog | None = None,
+        empty: bool = False,
     ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -79,6 +85,7 @@ class PagedAllocator(FreeGroup):
         self.backend = backend
         self._stack = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
         self._head = 0
+        self._end = 0 if empty else self._stack.numel()
         self._undo = undo or UndoLog()
         self._freed_in = 0  # the last step (UndoLog.steps) that freed pages
 
@@ -89,7 +96,16 @@ class PagedAllocator(FreeGroup):
 
     @property
     def free_page_count(self) -> int:
-        return self._stack.numel() - self._head
+        return self._end - self._head
+
+    @property
+    def owned_pages(self) -> int:
+        """Pages the pool has (allocated or free; page 0 not counted)."""
+        return self._end
+
+    @property
+    def allocated_pages(self) -> int:
+        return self._head
 
     @property
     def available(self) -> int:
@@ -98,7 +114,31 @@ class PagedAllocator(FreeGroup):
 
     def free_pages_view(self) -> torch.Tensor:
         """The free pages in allocation order (a view: do not mutate)."""
-        return self._stack[self._head :]
+        return self._stack[self._head : self._end]
+
+    def add_pages(self, pages: np.ndarray) -> None:
+        """Append ``pages`` (host ints, new to the pool) to the free stack, handed out last."""
+        n = len(pages)
+        end = self._end
+        ensure(end + n <= self._stack.numel(), "more pages than the pool's view holds")
+        if self._undo.active:
+            self._undo.save(self, "_end")
+            kept = self._stack[end : end + n].clone()
+            self._undo.on_undo(lambda: self._stack[end : end + n].copy_(kept))
+        self._stack[end : end + n] = upload(pages.astype(np.int64, copy=False), self.device)
+        self._end = end + n
+
+    def reorder_free(self, pages: np.ndarray) -> None:
+        """Make the free stack ``pages`` (host ints: a subset of the free pages, in the order
+        they are to be handed out); the free pages left out leave the pool. Rare: it keeps a
+        copy of the whole stack for the undo log."""
+        if self._undo.active:
+            self._undo.save(self, "_end")
+            kept = self._stack.clone()
+            self._undo.on_undo(lambda: self._stack.copy_(kept))
+        head, n = self._head, len(pages)
+        self._stack[head : head + n] = upload(pages.astype(np.int64), self.device)
+        self._end = head + n
 
     def alloc_pages(self, n: int) -> torch.Tensor | None:
         """Take ``n`` whole pages from the front of the free stack, or ``None`` if short."""
@@ -241,6 +281,7 @@ class PagedAllocator(FreeGroup):
         """Raise :class:`~hybridkv.errors.CheckError` unless the free pages are distinct, in
         range and never page 0."""
         free = self.free_pages_view()
+        ensure(self._head <= self._end <= self._stack.numel(), "the free stack's ends drifted")
         ensure(free.numel() == torch.unique(free).numel(), "a page is free twice")
         if free.numel():
             ensure(int(free.min()) >= 1 and int(free.max()) < self.num_pages, "bad free page")

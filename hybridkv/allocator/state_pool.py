@@ -1,13 +1,13 @@
 """State pool: recurrent-state slots (one per running request, plus tree snapshots).
 
-A slot holds the conv + SSM state of every recurrent layer: the buffer is
-``[layers, slots, *state_shape]``, so one :func:`page_copy` (a slot is a page of one token)
-copies a slot's state in every layer. Slot 0 is reserved, like page 0 of the KV pools.
+A slot holds the conv + SSM state of every recurrent layer: a static pool's buffer is
+``[layers, slots, *state_shape]``, an arena's pool a slot-major view ``[slots, layers,
+*state_shape]`` of the arena's bytes; either way one :func:`page_copy` (a slot is a page of
+one token) copies a slot's state in every layer. Slot 0 is reserved, like page 0 of the KV
+pools.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -28,14 +28,26 @@ class StatePool:
         device: torch.device,
         backend: str | None,
         undo: UndoLog | None = None,
+        slots: torch.Tensor | None = None,
     ) -> None:
-        self.allocator = PagedAllocator(num_slots, 1, device, backend, undo)
+        """``slots``: an arena's slot-major view ``[slots, layers, *state_shape]`` to use
+        instead of a buffer of its own (its allocator then starts empty); ``num_slots`` is
+        ignored then."""
         self.state_shape = tuple(state_shape)
         self.backend = backend
+        self.device = torch.device(device)
         self._index = {lid: j for j, lid in enumerate(layer_ids)}
-        self.buf = torch.zeros(
-            len(layer_ids), self.allocator.num_slots, *state_shape, dtype=dtype, device=device
-        )
+        # NOTE: buf (layer-first) exists only for a static pool.
+        self.buf = None
+        if slots is None:
+            self.allocator = PagedAllocator(num_slots, 1, device, backend, undo)
+            self.buf = torch.zeros(
+                len(layer_ids), self.allocator.num_slots, *state_shape, dtype=dtype, device=device
+            )
+            slots = self.buf.transpose(0, 1)
+        else:
+            self.allocator = PagedAllocator(slots.shape[0] - 1, 1, device, backend, undo, True)
+        self._slots = slots  # [slots, layers, *state_shape]
 
     @property
     def available(self) -> int:
@@ -43,8 +55,7 @@ class StatePool:
 
     def slot_view(self) -> torch.Tensor:
         """The pool as ``[slots, layers, state elements]`` for :func:`page_copy`."""
-        layers, slots = self.buf.shape[:2]
-        return self.buf.view(layers, slots, math.prod(self.state_shape)).transpose(0, 1)
+        return self._slots.flatten(2)
 
     def _layer(self, layer_id: int, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
         """The layer's index and ``slots`` on the pool's device; slots outside the pool are a
@@ -53,8 +64,8 @@ class StatePool:
             raise ValueError(f"layer_id {layer_id} is not a recurrent (mamba) layer")
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
             raise ValueError("slots must be a 1-D int64 tensor")
-        slots = slots.to(self.buf.device)
-        size = self.buf.shape[1]
+        slots = slots.to(self.device)
+        size = self._slots.shape[0]
         if kernels.debug_enabled() and slots.numel():
             if bool(((slots < 0) | (slots >= size)).any()):
                 raise ValueError(f"slots must lie in [0, {size}) (the state pool's slots)")
@@ -63,7 +74,7 @@ class StatePool:
     def get_state(self, layer_id: int, slots: torch.Tensor) -> torch.Tensor:
         """The state ``[n, *state_shape]`` of layer ``layer_id`` at ``slots`` ``[n]``."""
         j, slots = self._layer(layer_id, slots)
-        return self.buf[j, slots]
+        return self._slots[slots, j]
 
     def set_state(self, layer_id: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Write ``x`` ``[n, *state_shape]`` as layer ``layer_id``'s state at ``slots`` ``[n]``."""
@@ -71,7 +82,7 @@ class StatePool:
         want = (slots.shape[0], *self.state_shape)
         if tuple(x.shape) != want:
             raise ValueError(f"x must have shape {want}, got {tuple(x.shape)}")
-        self.buf[j, dev_slots] = x.to(self.buf.dtype)
+        self._slots[dev_slots, j] = x.to(self._slots.dtype)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's state of slots ``src`` into slots ``dst`` (one kernel call)."""
@@ -81,4 +92,4 @@ class StatePool:
 
     def zero(self, slots: torch.Tensor) -> None:
         """Reset ``slots`` to the initial (zero) state in every layer."""
-        self.buf[:, slots] = 0
+        self._slots[slots] = 0

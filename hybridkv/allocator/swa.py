@@ -6,7 +6,8 @@ a tombstone (its SWA KV was freed). The map is written for every newly allocated
 slot and cleared by whole pages on free, so a free full page never maps anywhere.
 
 A model without SWA layers has no SWA pool and no map (``swa_tokens=0``): allocation and
-freeing touch the full pool only.
+freeing touch the full pool only. With an arena a pool starts empty and grows by chunks; the
+map covers the full pool's whole view, its largest size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from hybridkv.undo import UndoLog
 
 
 class SWAAllocator(FreeGroup):
-    """Full + SWA allocators and the map between them; ``None`` when either pool is short."""
+    """Full + SWA allocators and the map between them; ``None`` when either pool is short.
+
+    ``in_arena``: per pool (full, SWA), whether it is a pool of an arena: its token count is
+    then its view's capacity and it starts with no pages.
+    """
 
     def __init__(
         self,
@@ -32,16 +37,19 @@ class SWAAllocator(FreeGroup):
         device: torch.device | str,
         backend: str | None,
         undo: UndoLog | None = None,
+        in_arena: tuple[bool, bool] = (False, False),
     ) -> None:
         self.page_size = page_size
         self.device = torch.device(device)
         self.backend = backend
         self._undo = undo or UndoLog()
-        self.full = PagedAllocator(full_tokens, page_size, device, backend, self._undo)
+        self.full = PagedAllocator(full_tokens, page_size, device, backend, self._undo, in_arena[0])
         self.swa: PagedAllocator | None = None
         self.full_to_swa: torch.Tensor | None = None
         if swa_tokens:
-            self.swa = PagedAllocator(swa_tokens, page_size, device, backend, self._undo)
+            self.swa = PagedAllocator(
+                swa_tokens, page_size, device, backend, self._undo, in_arena[1]
+            )
             self.full_to_swa = torch.zeros(
                 self.full.num_slots, dtype=torch.int64, device=self.device
             )

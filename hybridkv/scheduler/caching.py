@@ -110,12 +110,12 @@ class Caching:
             else:
                 free.append(snapshot[1])
         if free:
-            self.states.allocator.free_pages(torch.tensor(free, device=self.states.buf.device))
+            self.states.allocator.free_pages(torch.tensor(free, device=self.states.device))
 
     def free_in_flight_states(self) -> None:
         """Free the working slots of requests aborted while their plan was pending."""
         if self.in_flight_states:
-            device = self.states.buf.device
+            device = self.states.device
             self.states.allocator.free_pages(torch.tensor(self.in_flight_states, device=device))
             self.in_flight_states = []
 
@@ -133,5 +133,5 @@ class Caching:
             src.append(req.state_slot)
             dst.append(slot)
         if src:
-            device = self.states.buf.device
+            device = self.states.device
             self.states.copy(torch.tensor(src, device=device), torch.tensor(dst, device=device))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
+from hybridkv.allocator.arena import ArenaLayout
 from hybridkv.kernels import interpreter_on
 from hybridkv.tree import SWA_EVICTION_POLICIES, WRITE_POLICIES
 
@@ -25,6 +28,13 @@ class CacheConfig:
     ``vocab_size``, when set, bounds the token ids ``add_request`` and ``commit`` accept.
     ``backend=None`` picks Triton where it can run (CUDA, or the interpreter) and the torch
     references elsewhere.
+
+    ``memory_bytes``, when set, sizes one device arena that holds the full, SWA and state
+    pools, whose pages move between them by demand (``hybridkv.allocator.arena``):
+    ``swa_tokens`` and ``state_slots`` are then ignored, and ``full_tokens`` only sizes the
+    full pool of a model whose full pool holds no bytes (every attention layer slides: the
+    full pool is only an index). The host tier keeps its sizes from ``host_tokens`` and the
+    ratios of those fields. Without it, each pool has its own buffer of its own size.
     """
 
     num_layers: int
@@ -50,6 +60,7 @@ class CacheConfig:
     device: str = field(default_factory=_default_device)
     backend: str | None = None
     vocab_size: int | None = None
+    memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("swa_layer_ids", "mamba_layer_ids", "state_shape"):
@@ -62,8 +73,11 @@ class CacheConfig:
         for name in ("chunked_prefill_size", "max_prefill_tokens", "max_running_requests"):
             _positive(name, getattr(self, name))
         _positive("max_context_len", self.max_context_len)
+        if self.memory_bytes is not None:
+            _positive("memory_bytes", self.memory_bytes)
         if self.has_swa:
-            _positive("swa_tokens", self.swa_tokens)
+            if not self.arena:
+                _positive("swa_tokens", self.swa_tokens)
             _positive("sliding_window", self.sliding_window)
         else:
             if not _is_int(self.swa_tokens) or self.swa_tokens < 0:
@@ -87,7 +101,7 @@ class CacheConfig:
                 )
             if not self.state_shape or any(d < 1 for d in self.state_shape):
                 raise ValueError("state_shape must be a non-empty shape of positive ints")
-            if self.state_slots < 3:
+            if self.state_slots < 3 and not self.arena:
                 raise ValueError(
                     "state_slots must be at least 3 with mamba_layer_ids (a working slot, a "
                     "snapshot and a load back)"
@@ -108,7 +122,7 @@ class CacheConfig:
             raise ValueError("max_prefill_tokens must be at least one page")
         if self.full_tokens < 2 * self.page_size:
             raise ValueError("full_tokens must hold at least two pages")
-        if self.has_swa:
+        if self.has_swa and not self.arena:
             if self.swa_tokens < self.min_swa_tokens:
                 raise ValueError(
                     f"swa_tokens must be at least {self.min_swa_tokens} "
@@ -126,6 +140,81 @@ class CacheConfig:
             raise ValueError("backend must be 'triton', 'torch' or None")
         if self.backend == "triton" and device.type != "cuda" and not interpreter_on():
             raise ValueError("backend='triton' needs a CUDA device or TRITON_INTERPRET=1")
+        if self.arena:
+            layout = self.arena_layout
+            least = self.arena_min_chunks
+            if layout is None or layout.num_chunks < least:
+                chunk = layout.chunk_bytes if layout is not None else 0
+                raise ValueError(
+                    f"memory_bytes ({self.memory_bytes}) must hold at least {least} chunks of "
+                    f"{chunk} bytes (a reserved chunk and the smallest full, SWA and state "
+                    "pools)"
+                )
+
+    @property
+    def arena(self) -> bool:
+        """Whether one arena of ``memory_bytes`` holds the pools."""
+        return self.memory_bytes is not None
+
+    @property
+    def token_bytes(self) -> dict[str, int]:
+        """Bytes of one token in the full and SWA pools (K + V over their layers) and of one
+        state slot (every recurrent layer): ``{"full": ..., "swa": ..., "state": ...}``."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        kv = 2 * self.num_kv_heads * self.head_dim * item
+        state = len(self.mamba_layer_ids) * math.prod(self.state_shape or (0,)) * item
+        return {
+            "full": kv * len(self.full_layer_ids),
+            "swa": kv * len(self.swa_layer_ids),
+            "state": state,
+        }
+
+    @property
+    def arena_pools(self) -> tuple[str, ...]:
+        """The pools the arena holds, in its pool order: those of the model that hold bytes
+        (``"full"``, ``"swa"``, ``"state"``)."""
+        per = self.token_bytes
+        present = {"full": True, "swa": self.has_swa, "state": bool(self.mamba_layer_ids)}
+        return tuple(p for p in ("full", "swa", "state") if present[p] and per[p])
+
+    @cached_property
+    def arena_layout(self) -> ArenaLayout | None:
+        """The arena's chunks (``None`` without ``memory_bytes`` or a chunk of them)."""
+        if not self.arena:
+            return None
+        per, ps = self.token_bytes, self.page_size
+        pages = tuple(per[p] * (1 if p == "state" else ps) for p in self.arena_pools)
+        layout = ArenaLayout.plan(self.memory_bytes, pages)
+        return layout if layout.num_chunks else None
+
+    def arena_min_pages(self, pool: str) -> int:
+        """The fewest pages (state: slots) of ``pool`` that one request always fits."""
+        ps = self.page_size
+        return {"full": 2, "swa": self.min_swa_tokens // ps, "state": 3}[pool]
+
+    @property
+    def arena_min_chunks(self) -> int:
+        """The fewest chunks an arena may have: the reserved one and the smallest pools."""
+        layout = self.arena_layout
+        if layout is None:
+            return 2
+        return 1 + sum(
+            -(-self.arena_min_pages(p) // layout.min_pages_per_chunk(i))
+            for i, p in enumerate(self.arena_pools)
+        )
+
+    @property
+    def full_capacity(self) -> int:
+        """The most full tokens the pools can ever give one request: the full pool's size, or
+        with an arena what its chunks give the full pool when the other pools keep their
+        smallest sizes."""
+        ps = self.page_size
+        if "full" not in self.arena_pools or not self.arena:
+            return self.full_tokens - self.full_tokens % ps
+        layout = self.arena_layout
+        spare = layout.num_chunks - self.arena_min_chunks
+        spare += -(-self.arena_min_pages("full") // layout.min_pages_per_chunk(0))
+        return spare * layout.min_pages_per_chunk(0) * ps
 
     @property
     def has_swa(self) -> bool:
@@ -162,8 +251,9 @@ class CacheConfig:
 
     @property
     def host_state_slots(self) -> int:
-        """Host state slots: the device ratio of host to full tokens, at least the device's."""
-        return max(self.state_slots * self.host_tokens // self.full_tokens, self.state_slots)
+        """Host state slots: the device ratio of host to full tokens, at least the device's
+        (and 3, as an arena's state_slots may be 0)."""
+        return max(self.state_slots * self.host_tokens // self.full_tokens, self.state_slots, 3)
 
     @property
     def full_layer_ids(self) -> list[int]:

@@ -22,17 +22,28 @@ CLIP_MAX_NEW_TOKENS = 4096
 
 @dataclass(frozen=True, slots=True)
 class Cost:
-    """Tokens taken from each pool."""
+    """Tokens taken from each pool; as rooms, also the arena's free chunks any pool may take."""
 
     full: int = 0
     swa: int = 0
     state: int = 0  # recurrent-state slots
+    chunks: int = 0  # free arena chunks (rooms only)
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.full + other.full, self.swa + other.swa, self.state + other.state)
+        return Cost(
+            self.full + other.full,
+            self.swa + other.swa,
+            self.state + other.state,
+            self.chunks + other.chunks,
+        )
 
     def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.full - other.full, self.swa - other.swa, self.state - other.state)
+        return Cost(
+            self.full - other.full,
+            self.swa - other.swa,
+            self.state - other.state,
+            self.chunks - other.chunks,
+        )
 
 
 NO_LOAD = Cost()
@@ -93,6 +104,23 @@ def largest_chunk(
             return 0
         chunk = min(chunk, footprint_pages * ps - swa_held - load.swa)
     return max(chunk - chunk % ps, 0)
+
+
+def chunks_short(config: CacheConfig, rooms: Cost, used: Cost) -> int | None:
+    """The arena chunks that pools using ``used`` lack beyond their ``rooms`` (each pool's
+    free + evictable), in whole chunks; ``None`` when a pool outside the arena is short."""
+    layout, chunks = config.arena_layout, 0
+    pools = config.arena_pools
+    for pool in ("full", "swa", "state"):
+        short = getattr(used, pool) - getattr(rooms, pool)
+        if short <= 0:
+            continue
+        if pool not in pools:
+            return None
+        i = pools.index(pool)
+        per_chunk = layout.min_pages_per_chunk(i) * (1 if pool == "state" else config.page_size)
+        chunks += -(-short // per_chunk)
+    return chunks
 
 
 def decode_reserve(remaining_new_tokens: int, new_token_ratio: float) -> int:

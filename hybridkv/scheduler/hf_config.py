@@ -28,11 +28,14 @@ State shapes (one tensor per recurrent layer; conv state first): Mamba-1
 ``conv_dim = heads * head_dim + 2 * n_groups * d_state``.
 
 Pools from ``memory_bytes`` (what vLLM's ``gpu_memory_utilization`` leaves for the KV cache):
+by default one arena of that many bytes holds every pool (``CacheConfig.memory_bytes``;
+pages move between the pools by demand). A static split is asked for with
+``swa_full_tokens_ratio``:
 
 1. With recurrent layers, ``state_share`` of the budget (default 0.5) buys state slots at
    ``layers * prod(state_shape) * itemsize`` bytes each.
 2. The rest is split between the full and SWA pools as SGLang does with
-   ``swa_full_tokens_ratio`` (default 0.8): ``swa_tokens = ratio * full_tokens`` and
+   ``swa_full_tokens_ratio``: ``swa_tokens = ratio * full_tokens`` and
    ``full_tokens * (full_bytes + ratio * swa_bytes) = rest``, where ``full_bytes`` and
    ``swa_bytes`` are K + V bytes of one token over the layers of that kind. The SWA pool is
    raised to its minimum (a window and two pages) and never exceeds the full pool.
@@ -49,7 +52,6 @@ A config that cannot be mapped is a ``ValueError`` naming the field.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -234,21 +236,14 @@ def _window(d: dict[str, Any], kinds: list[str]) -> int:
 def cache_bytes(config: CacheConfig) -> dict[str, int]:
     """Bytes of one token in the full and SWA pools (K + V over their layers) and of one
     state slot (every recurrent layer): ``{"full": ..., "swa": ..., "state": ...}``."""
-    item = torch.empty(0, dtype=config.dtype).element_size()
-    kv = 2 * config.num_kv_heads * config.head_dim * item
-    state = len(config.mamba_layer_ids) * math.prod(config.state_shape or (0,)) * item
-    return {
-        "full": kv * len(config.full_layer_ids),
-        "swa": kv * len(config.swa_layer_ids),
-        "state": state,
-    }
+    return config.token_bytes
 
 
 def from_hf_config(
     config: object,
     memory_bytes: int | None = None,
     *,
-    swa_full_tokens_ratio: float = 0.8,
+    swa_full_tokens_ratio: float | None = None,
     state_share: float = 0.5,
     **overrides: Any,
 ) -> CacheConfig:
@@ -259,14 +254,16 @@ def from_hf_config(
             its directory).
         memory_bytes: device bytes for the KV and state pools; ``None`` keeps the default
             pool sizes.
-        swa_full_tokens_ratio: SWA pool tokens per full pool token, in (0, 1].
-        state_share: fraction of ``memory_bytes`` for recurrent-state slots, in (0, 1).
+        swa_full_tokens_ratio: ``None``: ``memory_bytes`` sizes one arena for every pool;
+            else a static split, SWA pool tokens per full pool token, in (0, 1].
+        state_share: with a static split, the fraction of ``memory_bytes`` for
+            recurrent-state slots, in (0, 1).
         overrides: CacheConfig fields; they win over the mapped and computed values.
 
     Raises ``ValueError`` naming the field of a config it cannot map, or the budget that
     cannot hold the smallest pools.
     """
-    if not 0 < swa_full_tokens_ratio <= 1:
+    if swa_full_tokens_ratio is not None and not 0 < swa_full_tokens_ratio <= 1:
         raise ValueError(f"swa_full_tokens_ratio must lie in (0, 1], got {swa_full_tokens_ratio}")
     if not 0 < state_share < 1:
         raise ValueError(f"state_share must lie in (0, 1), got {state_share}")
@@ -289,9 +286,13 @@ def from_hf_config(
     if mapped["mamba_layer_ids"]:
         mapped |= dict(state_shape=_state_shape(d), state_slots=max(3, CacheConfig.state_slots))
     base = CacheConfig(**(mapped | overrides | dict(full_tokens=1 << 20, swa_tokens=1 << 20)))
-    if memory_bytes is None:
+    if memory_bytes is None or swa_full_tokens_ratio is None:
         sizes = dict(swa_tokens=max(CacheConfig.swa_tokens, base.min_swa_tokens))
         sizes["full_tokens"] = max(CacheConfig.full_tokens, sizes["swa_tokens"])
+        if memory_bytes is not None:
+            if not isinstance(memory_bytes, int) or isinstance(memory_bytes, bool):
+                raise ValueError(f"memory_bytes must be a positive int, got {memory_bytes!r}")
+            sizes["memory_bytes"] = memory_bytes
     else:
         sizes = _pools(base, memory_bytes, swa_full_tokens_ratio, state_share)
     try:

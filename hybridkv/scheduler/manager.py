@@ -14,14 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hybridkv.allocator import HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
+from hybridkv.allocator import Arena, HostPool, KVPool, PagedAllocator, StatePool, SWAAllocator
 from hybridkv.errors import ensure
 from hybridkv.scheduler.admission import Admission
 from hybridkv.scheduler.caching import Caching
 from hybridkv.scheduler.config import CacheConfig
 from hybridkv.scheduler.cost import cost
 from hybridkv.scheduler.decode import Decode
-from hybridkv.scheduler.hf_config import cache_bytes
 from hybridkv.scheduler.pages import PlanBuilder
 from hybridkv.scheduler.plan import Request, StepBatch, StepPlan
 from hybridkv.scheduler.prefill import Prefill
@@ -75,15 +74,43 @@ class MemoryManager:
         cfg = config
         self.device = torch.device(cfg.device)
         self.undo = UndoLog()  # steps happen whole or not at all (hybridkv.undo)
+        self.arena: Arena | None = None
+        pools = cfg.arena_pools if cfg.arena else ()
+        full_tokens, swa_tokens = cfg.full_tokens, cfg.swa_tokens if cfg.has_swa else 0
+        ps, heads, dim = cfg.page_size, cfg.num_kv_heads, cfg.head_dim
+        kv_pages: list[torch.Tensor | None] = [None, None]
+        state_slots = None
+        if cfg.arena:
+            self.arena = Arena(cfg.arena_layout, self.device, self.undo)
+            layout = self.arena.layout
+            for i, (pool, layers) in enumerate(
+                (("full", cfg.full_layer_ids), ("swa", cfg.swa_layer_ids))
+            ):
+                if pool in pools:
+                    kv_pages[i] = self.arena.view(
+                        pools.index(pool), cfg.dtype, (2 * len(layers), ps, heads, dim)
+                    )
+            if "full" in pools:
+                full_tokens = (layout.capacity(pools.index("full")) - 1) * ps
+            if "swa" in pools:
+                swa_tokens = (layout.capacity(pools.index("swa")) - 1) * ps
+            if "state" in pools:
+                shape = (len(cfg.mamba_layer_ids), *cfg.state_shape)
+                state_slots = self.arena.view(pools.index("state"), cfg.dtype, shape)
         self.allocator = SWAAllocator(
-            cfg.full_tokens,
-            cfg.swa_tokens if cfg.has_swa else 0,
+            full_tokens,
+            swa_tokens,
             cfg.page_size,
             self.device,
             cfg.backend,
             self.undo,
+            ("full" in pools, "swa" in pools),
         )
         alloc = self.allocator
+        if self.arena is not None:
+            for pool, allocator in (("full", alloc.full), ("swa", alloc.swa)):
+                if pool in pools:
+                    self.arena.attach(pools.index(pool), allocator)
         self.kv = KVPool(
             cfg.full_layer_ids,
             list(cfg.swa_layer_ids),
@@ -96,6 +123,7 @@ class MemoryManager:
             self.device,
             alloc.full_to_swa,
             cfg.backend,
+            (kv_pages[0], kv_pages[1]),
         )
         self.states = None
         if cfg.mamba_layer_ids:
@@ -107,7 +135,10 @@ class MemoryManager:
                 self.device,
                 cfg.backend,
                 self.undo,
+                state_slots,
             )
+            if state_slots is not None:
+                self.arena.attach(pools.index("state"), self.states.allocator)
         self.tree = RadixTree(
             alloc,
             cfg.page_size,
@@ -123,7 +154,15 @@ class MemoryManager:
         )
         self.queues = Queues(self.undo)
         self.admission = Admission(
-            cfg, self.table, self.queues, self.tree, alloc, self.states, self.counters
+            cfg,
+            self.table,
+            self.queues,
+            self.tree,
+            alloc,
+            self.states,
+            self.counters,
+            self.arena,
+            self.tp,
         )
         self.caching = Caching(cfg, self.table, self.tree, alloc, self.states, self.undo)
         slide = SWASlide(cfg, self.table, self.tree, alloc)
@@ -239,10 +278,10 @@ class MemoryManager:
                 f"input_ids + max_new_tokens ({total}) exceeds max_context_len "
                 f"({cfg.max_context_len})"
             )
-        if cost(cfg, total).full > cfg.full_tokens - cfg.full_tokens % cfg.page_size:
+        if cost(cfg, total).full > cfg.full_capacity:
+            what = "memory_bytes" if "full" in cfg.arena_pools and cfg.arena else "full_tokens"
             raise ValueError(
-                f"input_ids + max_new_tokens ({total}) can never fit full_tokens "
-                f"({cfg.full_tokens})"
+                f"input_ids + max_new_tokens ({total}) can never fit {what} ({getattr(cfg, what)})"
             )
         req = ReqState(request.rid, [int(t) for t in ids], 0, n, self._arrivals)
         self._arrivals += 1
@@ -339,7 +378,7 @@ class MemoryManager:
         self.table.begin_step()
         self.tree.begin_step()
         self.undo.save(self.counters)
-        self.undo.save(self.admission, "new_token_ratio")
+        self.undo.save(self.admission, "new_token_ratio", "_relieved_at")
         self.undo.save(self.caching, "in_flight_states")
         self.undo.save(self, "_pending_gone")
 
@@ -388,16 +427,18 @@ class MemoryManager:
         return gauges | self.counters | transfers
 
     def _bytes(self) -> dict[str, int]:
-        """``memory_bytes``: the device budget of the pools (every static pool with its page
-        0); ``used_bytes``: what the pages allocated now (running or cached) hold, page 0 not
-        counted."""
-        per, ps = cache_bytes(self.config), self.config.page_size
+        """``memory_bytes``: the device budget of the pools (the arena, or every static pool
+        with its page 0); ``used_bytes``: what the pages allocated now (running or cached)
+        hold, page 0 not counted."""
+        per, ps = self.config.token_bytes, self.config.page_size
         pools = [(self.allocator.full, per["full"] * ps), (self.allocator.swa, per["swa"] * ps)]
         if self.states is not None:
             pools.append((self.states.allocator, per["state"]))
-        live = [(a, b) for a, b in pools if a is not None]
-        used = sum((a.num_pages - 1 - a.free_page_count) * b for a, b in live)
-        return {"memory_bytes": sum(a.num_pages * b for a, b in live), "used_bytes": used}
+        used = sum(a.allocated_pages * b for a, b in pools if a is not None)
+        if self.arena is not None:
+            return {"memory_bytes": self.arena.layout.total_bytes, "used_bytes": used}
+        memory = sum(a.num_pages * b for a, b in pools if a is not None)
+        return {"memory_bytes": memory, "used_bytes": used}
 
     def check(self) -> None:
         """Raise :class:`~hybridkv.errors.CheckError` unless every invariant holds: each page
@@ -407,6 +448,8 @@ class MemoryManager:
         self.tp.check()
         self.tree.check()
         self.allocator.check()
+        if self.arena is not None:
+            self.arena.check()
         alloc, ps, t, q = self.allocator, self.config.page_size, self.table, self.queues
         active = [r for r in q.reqs.values() if r.row >= 0]
         cached = self.tree.cached_slots()
@@ -421,10 +464,12 @@ class MemoryManager:
             own_full.append(t.slots(row, int(t.cached_len[row]), int(t.alloc_len[row])))
             swa_from = max(int(t.cached_len[row]), int(t.released[row]))
             own_swa.append(t.slots(row, swa_from, int(t.alloc_len[row])))
-        _check_partition("full", [s // ps for s in [cached, *own_full]], alloc.full)
+        owned = self._owned_pages
+        _check_partition("full", [s // ps for s in [cached, *own_full]], alloc.full, owned("full"))
         if alloc.has_swa:
             swa_owners = [alloc.full_to_swa[s] for s in (cached, *own_swa)]
-            _check_partition("swa", [s[s != 0] // ps for s in swa_owners], alloc.swa)
+            swa_pages = [s[s != 0] // ps for s in swa_owners]
+            _check_partition("swa", swa_pages, alloc.swa, owned("swa"))
         locks: dict[int, int] = {}
         for req in active:
             lock = req.lock
@@ -462,8 +507,14 @@ class MemoryManager:
                 if req.snapshot is not None:
                     held.append(req.snapshot[1])
             pages = [torch.tensor(held, dtype=torch.int64, device=self.device)]
-            _check_partition("state", pages, self.states.allocator)
+            _check_partition("state", pages, self.states.allocator, owned("state"))
             ensure(len(held) == len(set(held)), "a state slot held twice")
+
+    def _owned_pages(self, pool: str) -> torch.Tensor | None:
+        """The pages of ``pool`` its arena chunks hold (``None``: a pool of its own)."""
+        if self.arena is None or pool not in self.config.arena_pools:
+            return None
+        return self.arena.owned_page_mask(self.config.arena_pools.index(pool))
 
     def flush(self) -> None:
         """Wait for every pending host<->device transfer."""
@@ -503,9 +554,15 @@ def _bound_name(bound: int) -> str:
     return "" if bound == MAX_TOKEN_ID else " (vocab_size)"
 
 
-def _check_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllocator) -> None:
+def _check_partition(
+    pool: str,
+    owners: list[torch.Tensor],
+    allocator: PagedAllocator,
+    owned: torch.Tensor | None = None,
+) -> None:
     """Raise :class:`~hybridkv.errors.CheckError` unless every page but page 0 is held by
-    exactly one owner or free, and page 0 by none."""
+    exactly one owner or free, and page 0 by none; with an arena (``owned``: the pages of
+    the pool's chunks) that holds for the pool's pages, and no other page is used."""
     free = allocator.free_pages_view()
     count = torch.zeros(allocator.num_pages, dtype=torch.int64, device=free.device)
     for pages in owners:
@@ -513,5 +570,6 @@ def _check_partition(pool: str, owners: list[torch.Tensor], allocator: PagedAllo
         count.index_add_(0, pages, torch.ones_like(pages))
     count.index_add_(0, free, torch.ones_like(free))
     ensure(int(count[0]) == 0, f"{pool}: page 0 is in use")
-    bad = (count[1:] != 1).nonzero().flatten() + 1
+    want = torch.ones_like(count) if owned is None else owned.long()
+    bad = (count[1:] != want[1:]).nonzero().flatten() + 1
     ensure(bad.numel() == 0, f"{pool}: pages {bad[:8].tolist()} are lost or held twice")

@@ -69,10 +69,22 @@ class Prefill:
         self.undo = undo
 
     def schedule(self) -> StepPlan | None:
-        q, t, adm = self.queues, self.table, self.admission
-        if q.chunked is None and not q.waiting:
+        """The step's prefill plan, or ``None`` when nothing fits. With an arena, admitting
+        nothing is pressure: the arena takes back free chunks (evicting when nothing runs)
+        and admission tries again while that frees any (whether admission refused a request
+        and whether relief freed a chunk are the same on every TP rank)."""
+        if self.queues.chunked is None and not self.queues.waiting:
             return None
-        adder = PrefillAdder(self.config, adm.running_reservation())
+        while True:
+            adder = PrefillAdder(self.config, self.admission.running_reservation())
+            plan = self._schedule(adder)
+            if plan is not None or not (self.config.arena and adder.refused):
+                return plan
+            if not self.admission.relieve():
+                return None
+
+    def _schedule(self, adder: PrefillAdder) -> StepPlan | None:
+        q, t = self.queues, self.table
         admitted: list[Admitted] = []
         chunked = q.chunked
         if chunked is not None:
@@ -135,8 +147,9 @@ class Prefill:
             _, end = self.tree.reach(req.fill_ids, limit)
             local += [end, self.tree.storage_reach(req.fill_ids, end, limit)]
         common = self.tp.reduce_min(local)
-        rooms = Cost(*common[:3]) if chunked else Cost()
-        ends = common[3 if chunked else 0 :]
+        n = len(local) - 2 * len(cands)
+        rooms = Cost(*common[:n]) if chunked else Cost()
+        ends = common[n:]
         return rooms, list(zip(ends[::2], ends[1::2], strict=True))
 
     def _admit_round(
@@ -238,11 +251,12 @@ class Prefill:
             tree.pin_host(node, start, -1)
         common = self.tp.reduce_min(local)
         admitted: list[Admitted] = []
+        n = len(astuple(NO_LOAD))
         for i, a in enumerate(held):
-            figures = common[6 * i : 6 * i + 6]
-            load = Cost(-figures[3], -figures[4], -figures[5])
+            figures = common[(n + 3) * i : (n + 3) * (i + 1)]
+            load = Cost(-figures[n], -figures[n + 1], -figures[n + 2])
             granted = adder.admit(
-                Cost(*figures[:3]),
+                Cost(*figures[:n]),
                 a.start,
                 a.fill_len - a.start,
                 adm.decode_reserve(a.req, others or bool(admitted)),
@@ -281,10 +295,12 @@ class Prefill:
         load = sum((a.load for a in admitted), NO_LOAD)
         new_pages = int(pages.sum())
         new_tokens = new_pages * ps
-        self.admission.make_room(new_tokens + load.full, new_tokens + load.swa if swa else 0)
+        states = 0
         if self.states is not None:
-            new = sum(1 for a in admitted if a.match is not None)
-            self.tree.evict_states(new + load.state - self.states.available)
+            states = sum(1 for a in admitted if a.match is not None) + load.state
+        self.admission.make_room(
+            new_tokens + load.full, new_tokens + load.swa if swa else 0, states
+        )
         new = [a for a in admitted if a.match is not None]
         prefixes = self._take_prefixes(new)
         rows = np.array([a.req.row for a in admitted], dtype=np.int64)
@@ -388,7 +404,7 @@ class Prefill:
                 dst.append(slot)
             else:
                 fresh.append(slot)
-        device = self.states.buf.device
+        device = self.states.device
         if self.tree.host is not None:
             # NOTE: snapshots just loaded back, and freed slots just backed up, are read and
             # overwritten on this stream: after those side-stream copies.

@@ -239,7 +239,7 @@ class HostPart(Part):
             nodes = nodes[: host.state.allocator.free_page_count]
         if not nodes:
             return
-        device = states.pool.buf.device
+        device = states.pool.device
         with host.transfers.side_stream(backup=True):
             got = host.state.backup(states.pool.slot_view(), _t([n.state for n in nodes], device))
         for n, slot in zip(nodes, got.tolist(), strict=True):
@@ -511,7 +511,7 @@ class HostPart(Part):
         got = self.tree.alloc_state()
         if got is None:
             return False
-        device = states.pool.buf.device
+        device = states.pool.device
         states.pool.allocator.keep_contents(states.pool.slot_view(), _t([got], device))
         with self.host.transfers.side_stream(backup=False):
             self.host.state.load(

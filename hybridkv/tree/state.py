@@ -48,7 +48,7 @@ class StatePart(Part):
         return (self.lru,)
 
     def _slots(self, slots: list[int]) -> torch.Tensor:
-        return torch.tensor(slots, dtype=torch.int64, device=self.pool.buf.device)
+        return torch.tensor(slots, dtype=torch.int64, device=self.pool.device)
 
     @property
     def free_count(self) -> int:

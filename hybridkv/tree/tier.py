@@ -93,4 +93,4 @@ class HostTier:
     def __post_init__(self) -> None:
         if self.write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy must be one of {WRITE_POLICIES}")
-        self.transfers = Transfers(self.kv.full_buf.device)
+        self.transfers = Transfers(self.kv.device)
