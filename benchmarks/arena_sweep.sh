@@ -6,8 +6,7 @@
 #   benchmarks/arena_sweep.sh [FILE]      # from the repository root, ~6 min on 2 cores
 #
 # Sizes: each budget makes its workload memory-bound (the steps differ between SWA shares,
-# so the split is the bottleneck) while a sweep of 11 runs stays within 2 minutes. A
-# build without the arena (CacheConfig.memory_bytes) prints the static rows only. Exit
+# so the split is the bottleneck) while a sweep of 11 runs stays within 2 minutes. Exit
 # status: 0 when every run was clean, 1 otherwise (the tables still print).
 set -uo pipefail
 

@@ -13,9 +13,6 @@ from hybridkv.sim.models import PRESETS, byte_scale, stand_in
 
 GiB = 1 << 30
 CPU = ["--device", "cpu", "--backend", "torch", "--quiet"]
-needs_arena = pytest.mark.skipif(
-    not splits.has_arena(), reason="CacheConfig has no memory_bytes (the arena) in this build"
-)
 
 
 def _pool_bytes(cfg: CacheConfig) -> int:
@@ -72,9 +69,9 @@ def test_small_sweep_runs_clean_at_equal_bytes(capsys) -> None:  # noqa: ANN001
     assert budget == GiB // 4
     names = [r["split"] for r in out["rows"]]
     static = ["default (ratio 0.8)", *(f"SWA {s:.0%}" for s in splits.SHARES)]
-    assert names == (["arena"] if splits.has_arena() else []) + static
+    assert names == ["arena", *static]
     ran = [r for r in out["rows"] if "skipped" not in r]
-    assert len(ran) >= 6 and ran[0 if not splits.has_arena() else 1]["split"].startswith("default")
+    assert len(ran) >= 6 and ran[1]["split"].startswith("default")
     real = CacheConfig.from_hf_config(PRESETS["gpt-oss-120b"], budget, swa_full_tokens_ratio=0.8)
     for row in ran:
         assert row["ooms"] == 0 and row["errors"] == 0 and row["finished"] == 16
@@ -88,7 +85,6 @@ def test_small_sweep_runs_clean_at_equal_bytes(capsys) -> None:  # noqa: ANN001
     assert all(name in text for name in names) and "mem util" in text
 
 
-@needs_arena
 @pytest.mark.parametrize("model", ["gemma3-27b", "gpt-oss-120b"])
 def test_stand_in_arena_holds_as_many_chunks(model: str) -> None:
     """The stand-in's arena is the real budget over the byte scale: the same chunks, the same

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="policies",
         choices=["policies", "splits"],
         help="run the workload several ways and print one table: 'policies' (the default) "
-        "the prefix cache and tier policies; 'splits' the arena (where built) and static "
+        "the prefix cache and tier policies; 'splits' the arena and static "
         "full/SWA splits of the same --memory, SWA shares 10%%..90%% and --swa-ratio",
     )
     o.add_argument("--json", action="store_true", help="print results as JSON, no text report")
@@ -337,16 +337,14 @@ def compare(
 def compare_splits(
     args: argparse.Namespace, workload: Workload, base: CacheConfig
 ) -> list[tuple[str, SimResult | str]]:
-    """The workload, device-only, under the arena (where this build has it), the default
+    """The workload, device-only, under the arena, the default
     split (``--swa-ratio``) and the static splits of :data:`splits.SHARES` of the same
     budget; a split that cannot work shows as ``n/a``."""
     if args.memory is None and _is_small(args):
         raise ValueError("--compare splits needs --memory (the budget the splits share)")
     budget = int((args.memory or DEFAULT_MEMORY_GIB) * GiB)
     device_only: dict[str, object] = dict(host_tokens=0, storage=None)
-    rows: list[tuple[str, dict[str, object]]] = []
-    if splits.has_arena():
-        rows.append(("arena", device_only | {"memory_bytes": budget}))
+    rows: list[tuple[str, dict[str, object]]] = [("arena", device_only | {"memory_bytes": budget})]
     rows.append((f"default (ratio {args.swa_ratio:g})", device_only))
     for share in splits.SHARES:
         pools = splits.split_pools(base, budget, share, args.state_share)

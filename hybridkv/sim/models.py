@@ -86,7 +86,6 @@ def stand_in(config: CacheConfig) -> CacheConfig:
     if recurrent:
         elements = recurrent * math.prod(config.state_shape) / scale
         changes["state_shape"] = (max(1, round(elements / min(2, recurrent))),)
-    memory = getattr(config, "memory_bytes", None)  # NOTE: an arena config (its field)
-    if memory is not None:
-        changes["memory_bytes"] = memory // scale
+    if config.arena:
+        changes["memory_bytes"] = config.memory_bytes // scale
     return config.replace(**changes)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import statistics
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hybridkv.scheduler import CacheConfig
@@ -145,9 +145,8 @@ def describe(cfg: CacheConfig) -> str:
     host = f"host {cfg.host_tokens} tokens, {cfg.write_policy}" if cfg.host_tokens else "host off"
     pools = f"full pool {cfg.full_tokens}" + (f", SWA pool {cfg.swa_tokens}" if swa else "")
     pools += " tokens"
-    arena = getattr(cfg, "memory_bytes", None)  # NOTE: the arena's field, where it exists
-    if arena is not None:
-        pools = f"one arena of {_size(arena)} for every pool"
+    if cfg.arena:
+        pools = f"one arena of {_size(cfg.memory_bytes)} for every pool"
     dtype = str(cfg.dtype).removeprefix("torch.")
     return (
         f"{layers}, page {cfg.page_size}, {cfg.num_kv_heads} kv heads x {cfg.head_dim}, {dtype}; "
@@ -257,14 +256,27 @@ COLUMNS = (
 def format_compare(rows: Sequence[tuple[str, SimResult | str]]) -> str:
     """A table of runs, one per ``(policy, result)``; a ``str`` result is shown as-is."""
     header = ["policy", *(c[0] for c in COLUMNS)]
+    return _runs_table(header, rows, lambda res: _cells(summary(res), COLUMNS))
+
+
+def _cells(m: dict[str, object], columns: Sequence[tuple[str, str, str]]) -> list[str]:
+    return [fmt.format(m[key]) for _, key, fmt in columns]
+
+
+def _runs_table(
+    header: list[str],
+    rows: Sequence[tuple[str, SimResult | str]],
+    cells: Callable[[SimResult], list[str]],
+) -> str:
+    """One line per ``(name, result)``: the name and ``cells(result)``, or a ``str`` result
+    as-is; then a note per error of each run."""
     table: list[list[str]] = []
     notes: list[str] = []
     for name, res in rows:
         if isinstance(res, str):
             table.append([name, res])
             continue
-        m = summary(res)
-        table.append([name, *(fmt.format(m[key]) for _, key, fmt in COLUMNS)])
+        table.append([name, *cells(res)])
         notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
     return "\n".join([_table(header, table), *notes])
 
@@ -317,7 +329,7 @@ SPLIT_COLUMNS = (
 def _split_pools(cfg: CacheConfig) -> tuple[float | None, int | None, int | None]:
     """``(SWA share of the bytes, full pool tokens, SWA pool tokens)`` of a static split;
     ``None`` for each in an arena (the pools change with demand)."""
-    if getattr(cfg, "memory_bytes", None) is not None:  # NOTE: the arena's field
+    if cfg.arena:
         return None, None, None
     return swa_share(cfg), cfg.full_tokens, cfg.swa_tokens
 
@@ -340,20 +352,15 @@ def format_splits(rows: Sequence[tuple[str, SimResult | str]], default_steps: in
     """The ``--compare splits`` table: one ``(split, result)`` per line, a ``str`` result
     (why the split cannot run) shown as-is; speedups over ``default_steps``."""
     header = ["split", "SWA share", "full pool", "SWA pool", *(c[0] for c in SPLIT_COLUMNS)]
-    table: list[list[str]] = []
-    notes: list[str] = []
-    for name, res in rows:
-        if isinstance(res, str):
-            table.append([name, res])
-            continue
+
+    def cells(res: SimResult) -> list[str]:
         m = split_row(res, default_steps)
-        share, full, swa = _split_pools(res.shape)
-        cells = ["by demand", "arena", "arena"]
-        if share is not None:
-            cells = [_pct(share), f"{full:,}", f"{swa:,}"]
-        table.append([name, *cells, *(fmt.format(m[key]) for _, key, fmt in SPLIT_COLUMNS)])
-        notes += [f"{name}: ERROR {e.kind} at step {e.step}: {e.message}" for e in res.errors]
-    return "\n".join([_table(header, table), *notes])
+        pools = ["by demand", "arena", "arena"]
+        if m["swa_share"] is not None:
+            pools = [_pct(m["swa_share"]), f"{m['full_pool']:,}", f"{m['swa_pool']:,}"]
+        return pools + _cells(m, SPLIT_COLUMNS)
+
+    return _runs_table(header, rows, cells)
 
 
 def _table(header: list[str], table: list[list[str]]) -> str:

@@ -10,17 +10,10 @@ part, so every split of a budget holds the same bytes up to a page per pool. Unl
 
 from __future__ import annotations
 
-import dataclasses
-
 from hybridkv.scheduler import CacheConfig
 from hybridkv.scheduler.hf_config import cache_bytes
 
 SHARES = tuple(k / 10 for k in range(1, 10))  # SWA shares of the attention bytes swept
-
-
-def has_arena() -> bool:
-    """Whether this build's CacheConfig has the arena (its ``memory_bytes`` field)."""
-    return any(f.name == "memory_bytes" for f in dataclasses.fields(CacheConfig))
 
 
 def split_pools(
